@@ -1,0 +1,5 @@
+"""Lightning callbacks that any recipe can attach (see the YAML presets in the top-level callbacks/)."""
+
+from dllm_zoo.callbacks.throughput import ThroughputMonitor, forward_flops_per_token, measure_matmul_peak
+
+__all__ = ["ThroughputMonitor", "forward_flops_per_token", "measure_matmul_peak"]

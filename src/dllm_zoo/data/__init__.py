@@ -1,0 +1,43 @@
+"""Data: shard writing and streaming, sequence builders, the resumable loader, the DataModule, synthetic tasks.
+
+``webdataset`` and ``datasets`` are imported only when shards are read or an HF dataset is loaded.
+"""
+
+from dllm_zoo.data.datamodule import TextDiffusionDataModule
+from dllm_zoo.data.loader import LoaderPosition, ResumableDataLoader
+from dllm_zoo.data.sequences import (
+    BuildSequence,
+    LMBuilder,
+    LMChatBuilder,
+    SequenceBuilder,
+    SequenceFormat,
+    collate_sequences,
+    make_builder,
+)
+from dllm_zoo.data.shards import expand_braces, expand_shards, is_remote, write_shards
+from dllm_zoo.data.stream import DataWarning, SampleDropped, SampleStream, is_hf_dataset_dir
+from dllm_zoo.data.synthetic import Arithmetic, SyntheticTask, extract_answer
+
+__all__ = [
+    "Arithmetic",
+    "BuildSequence",
+    "DataWarning",
+    "LMBuilder",
+    "LMChatBuilder",
+    "LoaderPosition",
+    "ResumableDataLoader",
+    "SampleDropped",
+    "SampleStream",
+    "SequenceBuilder",
+    "SequenceFormat",
+    "SyntheticTask",
+    "TextDiffusionDataModule",
+    "collate_sequences",
+    "expand_braces",
+    "expand_shards",
+    "extract_answer",
+    "is_hf_dataset_dir",
+    "is_remote",
+    "make_builder",
+    "write_shards",
+]

@@ -1,0 +1,139 @@
+"""Masked-diffusion cross-entropy with pluggable weighting and normalisation.
+
+Presets reproduce each paper's choice (research/tracerl_llada.md §5.2, research/mmada.md §4.1):
+
+* LLaDA / MMaDA ``lm`` pretraining: ``Σ_{i∈M} CE_i / p  ÷  (B·L)``.
+* LLaDA SFT, MMaDA ``mmu`` and CoT SFT: prompt never masked, ``Σ_{i∈M} CE_i / p ÷ |answer|`` per row,
+  averaged over the batch (``|answer|`` counts the EOS padding).
+* MMaDA t2i (MaskGIT): unweighted mean CE over the masked image tokens.
+* MMaDA-Parallel text: ``1/t`` weighting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Weighting = Literal["inverse_p", "inverse_t", "none"]
+Normalization = Literal["batch_tokens", "answer_length", "masked_mean"]
+
+
+@dataclass
+class LossOutput:
+    """Loss and diagnostics.
+
+    Attributes:
+        loss: Scalar training loss.
+        ce: Scalar unweighted mean cross-entropy over the masked tokens (comparable across weightings).
+        num_masked: Scalar int64 number of masked tokens in the batch.
+    """
+
+    loss: Tensor
+    ce: Tensor
+    num_masked: Tensor
+
+
+class MaskedDiffusionLoss:
+    """Cross-entropy over masked positions, weighted per row and normalised as a paper prescribes.
+
+    Args:
+        weighting: ``"inverse_p"`` (``1/p``, LLaDA), ``"inverse_t"`` (``1/t``, MMaDA-Parallel text) or ``"none"``.
+        normalization: ``"batch_tokens"`` (divide the sum by ``B·L``), ``"answer_length"`` (divide each row's
+            sum by its answer length, then average rows) or ``"masked_mean"`` (divide by the number of masked
+            tokens).
+
+    Example:
+        >>> loss_fn = MaskedDiffusionLoss.pretraining()
+        >>> logits = torch.zeros(1, 4)  # one masked token, uniform over 4 classes
+        >>> out = loss_fn(logits, torch.tensor([2]), torch.tensor([[True, False]]), p_mask=torch.tensor([0.5]))
+        >>> round(out.loss.item(), 4)  # ln(4) / 0.5 / (1·2)
+        1.3863
+    """
+
+    def __init__(self, weighting: Weighting = "inverse_p", normalization: Normalization = "batch_tokens") -> None:
+        if weighting not in ("inverse_p", "inverse_t", "none"):
+            raise ValueError(f"weighting must be 'inverse_p', 'inverse_t' or 'none', got {weighting!r}")
+        if normalization not in ("batch_tokens", "answer_length", "masked_mean"):
+            raise ValueError(
+                f"normalization must be 'batch_tokens', 'answer_length' or 'masked_mean', got {normalization!r}"
+            )
+        self.weighting = weighting
+        self.normalization = normalization
+
+    @classmethod
+    def pretraining(cls) -> MaskedDiffusionLoss:
+        """LLaDA/MMaDA pretraining: ``Σ CE/p ÷ (B·L)``."""
+        return cls("inverse_p", "batch_tokens")
+
+    @classmethod
+    def sft(cls) -> MaskedDiffusionLoss:
+        """LLaDA SFT / MMaDA mmu and CoT SFT: ``Σ CE/p ÷ |answer|``, mean over rows."""
+        return cls("inverse_p", "answer_length")
+
+    @classmethod
+    def maskgit(cls) -> MaskedDiffusionLoss:
+        """MMaDA t2i: unweighted mean CE over masked tokens."""
+        return cls("none", "masked_mean")
+
+    def __call__(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        masked: Tensor,
+        *,
+        p_mask: Tensor | None = None,
+        t: Tensor | None = None,
+        answer_length: Tensor | None = None,
+    ) -> LossOutput:
+        """Compute the loss.
+
+        Args:
+            logits: ``[N, V]`` logits at the masked positions, row-major (``N = masked.sum()``), as a backbone
+                returns them for ``logits_at=masked``.
+            targets: ``[N]`` clean token ids at those positions.
+            masked: ``[B, L]`` bool mask of the masked positions.
+            p_mask: ``[B]`` per-row mask probability (needed for ``inverse_p``).
+            t: ``[B]`` per-row time (needed for ``inverse_t``).
+            answer_length: ``[B]`` per-row count of maskable (answer) tokens (needed for ``answer_length``).
+
+        Returns:
+            :class:`LossOutput`.
+        """
+        b, length = masked.shape
+        n = logits.shape[0]
+        if targets.shape != (n,):
+            raise ValueError(f"targets must have shape [{n}] to match logits [N, V], got {tuple(targets.shape)}")
+        ce = F.cross_entropy(logits.float(), targets, reduction="none")
+        row = torch.arange(b, device=masked.device)[:, None].expand(b, length)[masked]
+        weight = self._row_weight(p_mask, t, b, masked.device)
+        weighted = ce * weight[row] if weight is not None else ce
+        num_masked = masked.sum()
+        if self.normalization == "batch_tokens":
+            loss = weighted.sum() / (b * length)
+        elif self.normalization == "masked_mean":
+            loss = weighted.sum() / num_masked.clamp(min=1)
+        else:
+            if answer_length is None:
+                raise ValueError("normalization='answer_length' needs answer_length [B]")
+            per_row = torch.zeros(b, device=weighted.device, dtype=weighted.dtype).index_add_(0, row, weighted)
+            loss = (per_row / answer_length.to(per_row.dtype).clamp(min=1)).mean()
+        ce_mean = ce.sum() / num_masked.clamp(min=1)
+        return LossOutput(loss=loss, ce=ce_mean.detach(), num_masked=num_masked)
+
+    def _row_weight(self, p_mask: Tensor | None, t: Tensor | None, b: int, device: torch.device) -> Tensor | None:
+        if self.weighting == "none":
+            return None
+        value = p_mask if self.weighting == "inverse_p" else t
+        if value is None:
+            needed = "p_mask" if self.weighting == "inverse_p" else "t"
+            raise ValueError(f"weighting={self.weighting!r} needs `{needed}` [B]")
+        if value.shape != (b,):
+            raise ValueError(f"per-row weights must have shape [{b}], got {tuple(value.shape)}")
+        return 1.0 / value.to(device=device, dtype=torch.float32)
+
+    def __repr__(self) -> str:
+        return f"MaskedDiffusionLoss(weighting={self.weighting!r}, normalization={self.normalization!r})"

@@ -1,0 +1,120 @@
+"""Noise schedules: one object defines the training corruption AND the sampler's reveal plan.
+
+Keeping both in one class means a loss and a sampler built from the same schedule cannot drift apart
+(DESIGN.md §3 "Schedules"; diffusers keeps ``add_noise`` next to ``step`` for the same reason).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class NoisedBatch:
+    """Result of :meth:`NoiseSchedule.add_noise`.
+
+    Attributes:
+        noisy: ``[B, L]`` tokens with the masked positions replaced by the mask id.
+        masked: ``[B, L]`` bool, True where a token was masked (always a subset of the maskable positions).
+        t: ``[B]`` float32 diffusion time of each row.
+        p_mask: ``[B]`` float32 masking probability of each row, ``mask_prob(t)``.
+    """
+
+    noisy: Tensor
+    masked: Tensor
+    t: Tensor
+    p_mask: Tensor
+
+
+class NoiseSchedule(ABC):
+    """Base class: maps a time ``t ∈ [0, 1]`` to a mask probability and plans the reverse process.
+
+    Subclasses define :meth:`mask_prob` and :meth:`reveal_counts`; :meth:`add_noise` masks each maskable
+    token independently with probability ``mask_prob(t)`` unless a subclass overrides it.
+    """
+
+    @abstractmethod
+    def mask_prob(self, t: Tensor) -> Tensor:
+        """Mask probability ``[B]`` for times ``t`` ``[B]``."""
+
+    @abstractmethod
+    def reveal_counts(self, n_masked: Tensor, steps: int) -> Tensor:
+        """How many tokens each of ``steps`` sampling steps reveals.
+
+        Args:
+            n_masked: ``[B]`` int64 number of masked positions to fill.
+            steps: Number of denoising steps.
+
+        Returns:
+            ``[B, steps]`` int64, non-negative, each row summing to ``n_masked``.
+        """
+
+    def sample_t(
+        self, batch_size: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> Tensor:
+        """Draw ``t ~ U(0, 1)`` per row: ``[batch_size]`` float32."""
+        return torch.rand(batch_size, generator=generator, device=device)
+
+    def add_noise(
+        self,
+        tokens: Tensor,
+        maskable: Tensor,
+        mask_id: int,
+        *,
+        t: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        at_least_one: bool = False,
+    ) -> NoisedBatch:
+        """Corrupt ``tokens``: each maskable position is masked i.i.d. with probability ``mask_prob(t)``.
+
+        Args:
+            tokens: ``[B, L]`` clean token ids.
+            maskable: ``[B, L]`` bool, positions that may be masked (not prompt, not padding).
+            mask_id: Id written at masked positions (the layout's ``mask_id``).
+            t: ``[B]`` times; drawn with :meth:`sample_t` when omitted.
+            generator: Random source (the training stage keeps one in its checkpoint for exact resume).
+            at_least_one: Force one masked position in every row that has a maskable one (SDAR SFT).
+
+        Returns:
+            A :class:`NoisedBatch`.
+        """
+        b = tokens.shape[0]
+        if t is None:
+            t = self.sample_t(b, generator=generator, device=tokens.device)
+        p = self.mask_prob(t).to(torch.float32)
+        u = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+        masked = (u < p[:, None]) & maskable
+        if at_least_one:
+            masked = _force_one(masked, maskable, u)
+        noisy = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
+        return NoisedBatch(noisy=noisy, masked=masked, t=t, p_mask=p)
+
+
+def _force_one(masked: Tensor, maskable: Tensor, u: Tensor) -> Tensor:
+    """Mask the maskable position with the smallest draw in rows where nothing got masked. Shapes ``[B, L]``."""
+    empty = ~masked.any(dim=1) & maskable.any(dim=1)
+    pick = torch.where(maskable, u, torch.full_like(u, 2.0)).argmin(dim=1)
+    extra = torch.zeros_like(masked)
+    extra[torch.arange(masked.shape[0], device=masked.device), pick] = True
+    return masked | (extra & empty[:, None])
+
+
+def rank_mask(maskable: Tensor, n_mask: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """Mask exactly ``n_mask[b]`` uniformly chosen maskable positions per row (vectorised, no Python loop).
+
+    Args:
+        maskable: ``[B, L]`` bool.
+        n_mask: ``[B]`` int64; clipped to the number of maskable positions.
+        generator: Random source.
+
+    Returns:
+        ``[B, L]`` bool.
+    """
+    scores = torch.rand(maskable.shape, generator=generator, device=maskable.device)
+    scores = scores.masked_fill(~maskable, 2.0)  # non-maskable sort last
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return (ranks < n_mask[:, None]) & maskable

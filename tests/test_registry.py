@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from dllm_zoo import registry
+from dllm_zoo.backbones import LLaDABackbone
+from dllm_zoo.schedules import LinearSchedule, NoiseSchedule
+
+
+class UserSchedule(LinearSchedule):
+    """A user's subclass, defined outside the library: listed and resolvable without registration."""
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        return t**2
+
+
+def test_every_axis_lists_its_builtins() -> None:
+    expected = {
+        "backbone": {"LLaDABackbone"},
+        "tokenizer": {"ByteTokenizer", "HFTextTokenizer"},
+        "schedule": {"LinearSchedule", "CosineSchedule"},
+        "loss": {"MaskedDiffusionLoss"},
+        "stage": {"MaskedDiffusionPretraining"},
+        "task": {"Arithmetic"},
+    }
+    for axis, names in expected.items():
+        assert names <= set(registry.components(axis)), axis
+    assert "NoiseSchedule" not in registry.components("schedule")  # abstract bases are not components
+
+
+def test_resolve_short_dotted_and_user_classes() -> None:
+    assert registry.resolve("backbone", "LLaDABackbone") is LLaDABackbone
+    assert registry.resolve("schedule", "dllm_zoo.schedules.cosine.CosineSchedule").__name__ == "CosineSchedule"
+    assert registry.resolve("schedule", "UserSchedule") is UserSchedule
+    assert issubclass(registry.resolve("schedule", f"{__name__}.UserSchedule"), NoiseSchedule)
+
+
+def test_resolve_errors_name_the_alternatives() -> None:
+    with pytest.raises(KeyError, match="known: .*LinearSchedule"):
+        registry.resolve("schedule", "Nope")
+    with pytest.raises(KeyError, match="unknown component axis 'nope'"):
+        registry.components("nope")
+    with pytest.raises(TypeError, match="not a NoiseSchedule subclass"):
+        registry.resolve("schedule", "dllm_zoo.backbones.llada.LLaDABackbone")
