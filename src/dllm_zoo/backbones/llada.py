@@ -449,8 +449,9 @@ class LLaDABackbone(Backbone):
     """LLaDA / MMaDA full-attention mask predictor (see the module docstring for the math and key names).
 
     Args:
-        config: A preset name (``tiny``, ``small``, ``llada-8b``, ``mmada-8b``) or a :class:`LLaDAConfig`.
-            Must stay at its default when ``pretrained`` is given (the config then comes from config.json).
+        config: A preset name (``tiny``, ``small``, ``llada-8b``, ``mmada-8b``) or a :class:`LLaDAConfig`;
+            ``None`` means ``tiny``. Must stay ``None`` when ``pretrained`` is given (the config then comes from
+            config.json).
         layout: Token layout or preset name. Default: the preset's (``default`` for tiny/small, ``llada`` /
             ``mmada`` for the 8B presets), the layout saved in a checkpoint, or one inferred from the vocabulary.
         pretrained: A checkpoint directory (config.json + safetensors, original layout) to load, so that YAML
@@ -466,7 +467,7 @@ class LLaDABackbone(Backbone):
 
     def __init__(
         self,
-        config: LLaDAConfig | str = "tiny",
+        config: LLaDAConfig | str | None = None,
         layout: TokenLayout | str | None = None,
         pretrained: str | None = None,
         gradient_checkpointing: bool = False,
@@ -474,7 +475,7 @@ class LLaDABackbone(Backbone):
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
         if pretrained is not None:
-            if not (isinstance(config, str) and config == "tiny"):
+            if config is not None:
                 raise ValueError(
                     f"pass either `config` or `pretrained`, not both: the config of {pretrained} comes from its "
                     f"config.json (got config={config!r})"
@@ -484,6 +485,8 @@ class LLaDABackbone(Backbone):
                 self._build(cfg, lay)
             self._load_weights(pretrained)
             return
+        if config is None:
+            config = "tiny"
         if isinstance(config, str):
             lay_arg = layout if layout is not None else LLaDAConfig.PRESET_LAYOUTS.get(config)
             cfg = LLaDAConfig.preset(config, lay_arg)
