@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.data.synthetic.base import SyntheticTask
@@ -33,6 +34,17 @@ def _base(axis: str) -> type:
     return AXES[axis]
 
 
+def _importable(cls: type) -> bool:
+    """Whether ``module.Class`` names this very class, so a config can refer to it."""
+    module = sys.modules.get(cls.__module__)
+    return module is not None and getattr(module, cls.__qualname__, None) is cls
+
+
+def _config_wrapper(cls: type) -> bool:
+    """jsonargparse's ``lazy_instance`` defaults subclass a component; they are config machinery, not components."""
+    return any(base.__module__.split(".")[0] == "jsonargparse" for base in cls.__mro__)
+
+
 def components(axis: str) -> dict[str, type]:
     """Public, concrete classes of ``axis`` (the base itself when it is concrete), keyed by class name.
 
@@ -46,6 +58,8 @@ def components(axis: str) -> dict[str, type]:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
         if cls.__name__.startswith("_") or inspect.isabstract(cls) or cls is DiffusionStage:
+            continue
+        if not _importable(cls) or _config_wrapper(cls):
             continue
         if cls.__name__ in found and found[cls.__name__] is not cls:
             # Two classes with one short name: only the dotted path is unambiguous; keep the first.

@@ -51,6 +51,7 @@ class Backbone(nn.Module, ABC):
         logits_at: Tensor | None = None,
         return_hidden: bool = False,
         return_logits: bool = True,
+        return_cache: bool = False,
     ) -> BackboneOutput:
         """Run the model.
 
@@ -59,7 +60,9 @@ class Backbone(nn.Module, ABC):
             attention_mask: ``[B, L]`` key-padding mask (1 = real token) or a ``[B, 1, L, L]`` bool mask
                 (True = may attend). ``None`` attends everywhere.
             position_ids: ``[B, L]`` RoPE positions; default ``0..L-1``.
-            cache: Family-specific KV cache for samplers.
+            cache: Keys/values of context positions the input window attends to in addition to itself
+                (samplers' prefix/dual/block caches); ``input_ids`` is then only the window.
+            return_cache: Also return the window's own keys/values (post-RoPE) as ``BackboneOutput.cache``.
             logits_at: Compute logits only here: ``[B, L]`` bool mask or ``[B, K]`` index tensor.
             return_hidden: Also return the final hidden states.
             return_logits: Skip the vocabulary projection entirely when False.
