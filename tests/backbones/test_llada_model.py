@@ -166,11 +166,9 @@ def test_config_json_round_trip():
 
 
 # ------------------------------------------------------------------------------------------------- forward
-def test_cache_is_not_implemented_yet(tiny):
-    with pytest.raises(
-        NotImplementedError, match=r"KV caching for LLaDABackbone arrives with the samplers \(issue 4\)"
-    ):
-        tiny(_ids(), cache=object())
+def test_cache_must_be_a_kv_cache(tiny):
+    with pytest.raises(TypeError, match="KVCache"):
+        tiny(_ids(), cache=object(), position_ids=torch.arange(_ids().shape[1]).expand_as(_ids()))
 
 
 def test_all_ones_mask_takes_the_unmasked_path(tiny):

@@ -18,7 +18,10 @@ The module tree mirrors the original so ``state_dict()`` has exactly the origina
 ``model.transformer.ff_out.weight``) and ``config.json`` uses the original OLMo-style field names. Differences
 from the released modeling code, all deliberate: a ``[B, L]`` padding mask is a key-padding mask (the original
 either ignored it or silently turned attention causal, research/tracerl_llada.md §4.2), RoPE is always fp32,
-and gradient checkpointing and logits at selected positions are supported.
+gradient checkpointing and logits at selected positions are supported, and so is a key/value cache that is
+correct with padded batches (:class:`~dllm_zoo.backbones.cache.KVCache`: ``return_cache=True`` records every
+block's post-RoPE keys/values; ``cache=`` runs a window against cached context keys, Fast-dLLM's prefix/dual
+cache, research/tracerl_llada.md §7.2).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dllm_zoo.backbones.attention import to_sdpa_mask
+from dllm_zoo.backbones.attention import key_padding_to_sdpa, to_sdpa_mask
 from dllm_zoo.backbones.base import Backbone, BackboneOutput
+from dllm_zoo.backbones.cache import KVCache
 from dllm_zoo.backbones.checkpoint import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_SIZE,
@@ -400,14 +404,27 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, config.ffn_hidden_size, bias=False)
         self.ff_out = nn.Linear(config.ffn_hidden_size, d, bias=False)  # down projection
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn_mask: Tensor | None,
+        context: tuple[Tensor, Tensor] | None = None,
+        kv_out: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
         """One block.
 
         Args:
             x: Residual stream ``[B, L, D]``.
             cos: RoPE table, fp32 ``[L, head_dim]`` or ``[B, L, head_dim]``.
             sin: Same shape as ``cos``.
-            attn_mask: ``None`` or bool mask broadcastable to ``[B, H, L, L]`` (True = may attend).
+            attn_mask: ``None`` or bool mask broadcastable to ``[B, H, L, S + L]`` (True = may attend), ``S`` the
+                context length (0 without ``context``); context keys come first.
+            context: Cached ``(keys, values)``, each ``[B, H_kv, S, head_dim]`` (keys after RoPE), that the ``L``
+                queries attend to in addition to their own keys.
+            kv_out: When given, this block's own ``(keys, values)`` ``[B, H_kv, L, head_dim]`` (keys after RoPE;
+                transposed views of ``[B, L, H_kv, head_dim]`` memory) are appended to it.
 
         Returns:
             ``[B, L, D]``.
@@ -418,6 +435,11 @@ class LLaDABlock(nn.Module):
         q = apply_rotary(self.q_proj(n).view(b, seq, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rotary(self.k_proj(n).view(b, seq, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(n).view(b, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if kv_out is not None:
+            kv_out.append((k, v))
+        if context is not None:
+            k = torch.cat((context[0], k), dim=2)
+            v = torch.cat((context[1], v), dim=2)
         # Never causal (masked diffusion). SDPA's default scale is 1/sqrt(head_dim), as in LLaDA.
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=False, enable_gqa=self.n_kv_heads != self.n_heads
@@ -544,51 +566,119 @@ class LLaDABackbone(Backbone):
         *,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        cache: Any = None,
+        cache: KVCache | None = None,
         logits_at: Tensor | None = None,
         return_hidden: bool = False,
         return_logits: bool = True,
+        return_cache: bool = False,
     ) -> BackboneOutput:
-        """Run the mask predictor with bidirectional attention.
+        """Run the mask predictor with bidirectional attention, over a whole canvas or over a window.
+
+        Without ``cache`` the ``L`` input positions attend to each other. With ``cache`` they are a *window* of
+        ``W`` positions whose queries attend to the ``S`` context keys of the cache and to the window's own keys
+        (bidirectionally, never causally); outputs exist only for the window. Exact when the cached keys were
+        computed from the current canvas (e.g. a prefix/suffix cut of ``return_cache=True`` of a full forward
+        over the same tokens); otherwise the context is as stale as the canvas it was computed from (Fast-dLLM
+        prefix/dual cache, research/tracerl_llada.md §7.2).
 
         Args:
-            input_ids: ``[B, L]`` token ids.
-            attention_mask: ``None`` (attend everywhere), ``[B, L]`` key padding (1 = real token; padding keys
-                are never attended, padding queries get finite but meaningless outputs) or a ``[B, 1, L, L]``
-                bool mask (True = may attend). Never turned causal. An all-ones ``[B, L]`` mask takes the
-                unmasked SDPA path.
+            input_ids: ``[B, L]`` token ids (``[B, W]`` with ``cache``).
+            attention_mask: Without ``cache``: ``None`` (attend everywhere), ``[B, L]`` key padding (1 = real
+                token; padding keys are never attended, padding queries get finite but meaningless outputs) or a
+                ``[B, 1, L, L]`` bool mask (True = may attend); never turned causal; an all-ones ``[B, L]`` mask
+                takes the unmasked SDPA path. With ``cache``: ``None`` or ``[B, W]`` key padding of the window's
+                own keys (the context's padding is ``cache.key_mask``).
             position_ids: ``[B, L]`` RoPE positions (default ``0..L-1``; left-padded rows may pass
-                ``cumsum(mask) - 1`` so real tokens start at position 0).
-            cache: Not supported yet; must be ``None``.
+                ``cumsum(mask) - 1`` so real tokens start at position 0). Required with ``cache``: the window's
+                absolute positions, as used for the cached keys' canvas.
+            cache: A :class:`KVCache` of context keys/values (post-RoPE) with one entry per block, batch ``B`` and
+                this model's ``H_kv`` and ``head_dim``.
             logits_at: ``[B, L]`` bool -> logits ``[N, V]`` at the True positions (row-major);
                 ``[B, K]`` integer -> logits ``[B, K, V]`` at those positions. The hidden states are gathered before
                 the vocabulary projection, which dominates memory at 126k rows.
             return_hidden: Also return the final (post-``ln_f``) hidden states ``[B, L, D]``.
             return_logits: False skips the vocabulary projection (``logits=None``).
+            return_cache: Also return this forward's own keys/values for the ``L`` input positions as a
+                :class:`KVCache` (``[B, H_kv, L, head_dim]`` per block, keys after RoPE, ``key_mask`` = the
+                ``[B, L]`` padding mask as bool or ``None``); with ``cache``, the window's keys only, not the
+                concatenation. Turns gradient checkpointing off for this call.
 
         Returns:
-            :class:`BackboneOutput` with ``logits`` ``[B, L, V]`` (or as selected by ``logits_at``).
+            :class:`BackboneOutput` with ``logits`` ``[B, L, V]`` (or as selected by ``logits_at``) and ``cache``
+            when ``return_cache``.
+
+        Raises:
+            ValueError: on wrong shapes, a missing ``position_ids`` with ``cache``, a cache that does not fit the
+                model or batch, or ``return_cache`` with a 4-D ``attention_mask`` (it has no per-key padding).
+            TypeError: when ``cache`` is not a :class:`KVCache`.
         """
-        if cache is not None:
-            raise NotImplementedError("KV caching for LLaDABackbone arrives with the samplers (issue 4)")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
         b, seq = input_ids.shape
         if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[-1] != seq):
             raise ValueError(f"position_ids must be [B, L] = [{b}, {seq}], got shape {tuple(position_ids.shape)}")
-        mask = to_sdpa_mask(attention_mask, b, seq)
-        cos, sin = self.rotary(seq, input_ids.device, position_ids)
         tr = self.model.transformer
+        if cache is None and not return_cache:  # the training path: nothing extra per forward
+            mask = to_sdpa_mask(attention_mask, b, seq)
+            cos, sin = self.rotary(seq, input_ids.device, position_ids)
+            x = tr.wte(input_ids)
+            recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+            for block in tr.blocks:
+                if recompute:
+                    x = cast(Tensor, checkpoint(block, x, cos, sin, mask, use_reentrant=False))
+                else:
+                    x = block(x, cos, sin, mask)
+            h = tr.ln_f(x)
+            logits = tr.ff_out(_select(h, logits_at)) if return_logits else None
+            return BackboneOutput(logits=logits, hidden=h if return_hidden else None)
+
+        if attention_mask is not None and attention_mask.dim() != 2:  # cache path from here on
+            raise ValueError(
+                "with `cache` or `return_cache`, attention_mask must be None or a [B, L] key-padding mask, got shape "
+                f"{tuple(attention_mask.shape)} (a 4-D mask has no per-key padding to cache or combine)"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, seq):
+            raise ValueError(f"attention_mask [B, L] must have shape {(b, seq)}, got {tuple(attention_mask.shape)}")
+        own_mask = None if attention_mask is None else _as_bool(attention_mask)
+        if cache is None:
+            mask = to_sdpa_mask(own_mask, b, seq)
+        else:
+            self._check_cache(cache, b, position_ids)
+            mask = _window_mask(cache, own_mask, b, seq)
+        cos, sin = self.rotary(seq, input_ids.device, position_ids)
         x = tr.wte(input_ids)
-        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in tr.blocks:
-            if recompute:
-                x = cast(Tensor, checkpoint(block, x, cos, sin, mask, use_reentrant=False))
-            else:
-                x = block(x, cos, sin, mask)
+        kv: list[tuple[Tensor, Tensor]] | None = [] if return_cache else None
+        for i, block in enumerate(tr.blocks):
+            context = None if cache is None else (cache.keys[i], cache.values[i])
+            x = block(x, cos, sin, mask, context, kv)
         h = tr.ln_f(x)
         logits = tr.ff_out(_select(h, logits_at)) if return_logits else None
-        return BackboneOutput(logits=logits, hidden=h if return_hidden else None)
+        out_cache = None
+        if kv is not None:
+            out_cache = KVCache([k for k, _ in kv], [v for _, v in kv], own_mask)
+        return BackboneOutput(logits=logits, hidden=h if return_hidden else None, cache=out_cache)
+
+    def _check_cache(self, cache: Any, batch: int, position_ids: Tensor | None) -> None:
+        """Refuse a cache that is no fitting :class:`KVCache`, or a window without ``position_ids``."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache (from forward(..., return_cache=True)), got {type(cache)!r}")
+        if position_ids is None:
+            raise ValueError(
+                "forward(cache=...) needs position_ids [B, W]: the window's absolute RoPE positions (the cached keys "
+                "carry theirs), e.g. position_ids[:, s:e] of the full canvas"
+            )
+        cfg = self.config
+        _, h_kv, _, hd = cache.keys[0].shape
+        if (
+            cache.n_layers != cfg.n_layers
+            or cache.batch_size != batch
+            or (h_kv, hd) != (cfg.num_kv_heads, cfg.head_dim)
+        ):
+            raise ValueError(
+                f"cache does not fit: it has {cache.n_layers} layers and keys {tuple(cache.keys[0].shape)} "
+                f"[B, H_kv, S, head_dim]; this model and input need {cfg.n_layers} layers and "
+                f"[{batch}, {cfg.num_kv_heads}, S, {cfg.head_dim}]"
+            )
 
     # ------------------------------------------------------------------------------------------ vocabulary
     def resize_token_embeddings(self, new_vocab: int, layout: TokenLayout | str | None = None) -> None:
@@ -682,6 +772,31 @@ class LLaDABackbone(Backbone):
         root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.config.to_json_dict(self.layout), root / CONFIG_NAME)
         save_state_dict(self.state_dict(), root, max_shard_size=max_shard_size)
+
+
+def _as_bool(mask: Tensor) -> Tensor:
+    """A 0/1 (or bool) mask as bool."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _window_mask(cache: KVCache, own: Tensor | None, batch: int, width: int) -> Tensor | None:
+    """SDPA mask ``[B, 1, 1, S + W]`` of a window forward (context keys first), or ``None`` when no key is padding.
+
+    Args:
+        cache: The context; its ``key_mask`` (``None`` = all real) covers the first ``S`` keys.
+        own: ``[B, W]`` bool key padding of the window's own keys, or ``None`` (all real).
+        batch: ``B``.
+        width: ``W``.
+    """
+    if cache.key_mask is None and own is None:
+        return None
+    device = cache.keys[0].device
+    ctx = cache.key_mask
+    if ctx is None:
+        ctx = torch.ones(batch, cache.seq_len, dtype=torch.bool, device=device)
+    if own is None:
+        own = torch.ones(batch, width, dtype=torch.bool, device=device)
+    return key_padding_to_sdpa(torch.cat((ctx.to(device), own.to(device)), dim=1))
 
 
 def _select(h: Tensor, logits_at: Tensor | None) -> Tensor:
