@@ -21,6 +21,9 @@ def test_every_axis_lists_its_builtins() -> None:
         "loss": {"MaskedDiffusionLoss"},
         "stage": {"MaskedDiffusionPretraining"},
         "task": {"Arithmetic"},
+        "sampler": {"LLaDASampler"},
+        "confidence": {"LowConfidence", "Margin", "NegEntropy", "RandomConfidence"},
+        "transfer": {"StaticQuota", "Threshold", "Factor", "Dynamic"},
     }
     for axis, names in expected.items():
         assert names <= set(registry.components(axis)), axis

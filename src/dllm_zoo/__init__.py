@@ -8,6 +8,7 @@ from dllm_zoo.backbones import Backbone, BackboneOutput, LLaDABackbone, LLaDACon
 from dllm_zoo.data import TextDiffusionDataModule
 from dllm_zoo.data.synthetic import Arithmetic, SyntheticTask
 from dllm_zoo.losses import MaskedDiffusionLoss
+from dllm_zoo.samplers import LLaDASampler, Sampler, SamplerOutput
 from dllm_zoo.schedules import CosineSchedule, LinearSchedule, NoiseSchedule
 from dllm_zoo.stages import MaskedDiffusionPretraining, OptimConfig
 from dllm_zoo.tokenizers import ByteTokenizer, HFTextTokenizer, TextTokenizer, TokenLayout
@@ -23,11 +24,14 @@ __all__ = [
     "HFTextTokenizer",
     "LLaDABackbone",
     "LLaDAConfig",
+    "LLaDASampler",
     "LinearSchedule",
     "MaskedDiffusionLoss",
     "MaskedDiffusionPretraining",
     "NoiseSchedule",
     "OptimConfig",
+    "Sampler",
+    "SamplerOutput",
     "SyntheticTask",
     "TextDiffusionDataModule",
     "TextTokenizer",

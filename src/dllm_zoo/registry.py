@@ -14,6 +14,9 @@ import sys
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.data.synthetic.base import SyntheticTask
 from dllm_zoo.losses.masked_diffusion import MaskedDiffusionLoss
+from dllm_zoo.samplers.base import Sampler
+from dllm_zoo.samplers.confidence import Confidence
+from dllm_zoo.samplers.transfer import TransferRule
 from dllm_zoo.schedules.base import NoiseSchedule
 from dllm_zoo.stages.base import DiffusionStage
 from dllm_zoo.tokenizers.text import TextTokenizer
@@ -24,6 +27,9 @@ AXES: dict[str, type] = {
     "schedule": NoiseSchedule,
     "loss": MaskedDiffusionLoss,
     "stage": DiffusionStage,
+    "sampler": Sampler,
+    "confidence": Confidence,
+    "transfer": TransferRule,
     "task": SyntheticTask,
 }
 
@@ -41,7 +47,7 @@ def _importable(cls: type) -> bool:
 
 
 def _config_wrapper(cls: type) -> bool:
-    """jsonargparse's ``lazy_instance`` defaults subclass a component; they are config machinery, not components."""
+    """Jsonargparse's ``lazy_instance`` defaults subclass a component; they are config machinery, not components."""
     return any(base.__module__.split(".")[0] == "jsonargparse" for base in cls.__mro__)
 
 

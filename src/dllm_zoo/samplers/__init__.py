@@ -1,0 +1,36 @@
+"""Samplers for masked-diffusion LMs and their swappable policies (DESIGN.md §3 "Samplers")."""
+
+from dllm_zoo.samplers.base import Sampler, SamplerOutput
+from dllm_zoo.samplers.confidence import Confidence, LowConfidence, Margin, NegEntropy, RandomConfidence
+from dllm_zoo.samplers.likelihood import elbo_log_likelihood, stratified_mask_counts
+from dllm_zoo.samplers.semi_ar import LLaDASampler, add_gumbel_noise
+from dllm_zoo.samplers.transfer import (
+    Dynamic,
+    Factor,
+    StaticQuota,
+    Threshold,
+    TransferRule,
+    confidence_ranks,
+    top_k_mask,
+)
+
+__all__ = [
+    "Confidence",
+    "Dynamic",
+    "Factor",
+    "LLaDASampler",
+    "LowConfidence",
+    "Margin",
+    "NegEntropy",
+    "RandomConfidence",
+    "Sampler",
+    "SamplerOutput",
+    "StaticQuota",
+    "Threshold",
+    "TransferRule",
+    "add_gumbel_noise",
+    "confidence_ranks",
+    "elbo_log_likelihood",
+    "stratified_mask_counts",
+    "top_k_mask",
+]
