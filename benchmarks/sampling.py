@@ -1,6 +1,6 @@
-"""Sampling speed next to answer accuracy, for every decoding mode, on a tiny model trained on Arithmetic.
+"""Sampling speed next to answer accuracy, for every decoding mode, on a small model trained on Arithmetic.
 
-    python benchmarks/sampling.py                 # trains the SFT model on first use (~3 min on 2 cores)
+    python benchmarks/sampling.py                 # trains the SFT model on first use (~9 min on 2 cores)
     python benchmarks/sampling.py --limit 256     # more questions
 
 Modes (all on the same weights): ``plain`` (static reveal plan, no cache), ``cached`` (dual KV cache),
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--gen-length", type=int, default=64)
     parser.add_argument("--block-length", type=int, default=16)
     parser.add_argument("--threshold", type=float, default=0.9)
-    parser.add_argument("--train-steps", type=int, default=3000)
+    parser.add_argument("--train-steps", type=int, default=4000)
     parser.add_argument("--out", default=str(RESULTS / "sampling.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def main() -> None:
     }
     report = {
         "benchmark": "sampling",
-        "model": "tiny LLaDA, SFT on Arithmetic",
+        "model": "mini LLaDA preset, SFT on Arithmetic",
         "gen_length": g,
         "block_length": blk,
         "threshold": args.threshold,

@@ -128,3 +128,16 @@ def test_random_confidence_is_seeded_uniform():
     assert torch.equal(a, b)
     assert a.shape == (3, 5)
     assert bool(((a >= 0) & (a < 1)).all())
+
+
+def test_top1_mask_equals_rank_zero_including_ties_and_empty_rows() -> None:
+    from dllm_zoo.samplers.transfer import confidence_ranks, top1_mask
+
+    gen = torch.Generator().manual_seed(0)
+    conf = torch.randint(0, 4, (64, 8), generator=gen).float() / 4  # many exact ties
+    conf[0, 3] = float("nan")
+    cand = torch.rand(64, 8, generator=gen) < 0.6
+    cand[1] = False  # a row with no candidate selects nothing
+    expected = (confidence_ranks(conf, cand) == 0) & cand
+    assert torch.equal(top1_mask(conf, cand), expected)
+    assert not top1_mask(conf, cand)[1].any()

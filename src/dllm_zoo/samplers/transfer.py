@@ -58,6 +58,26 @@ def top_k_mask(confidence: Tensor, candidates: Tensor, k: Tensor) -> Tensor:
     return (confidence_ranks(confidence, candidates) < k.unsqueeze(-1)) & candidates
 
 
+def top1_mask(confidence: Tensor, candidates: Tensor) -> Tensor:
+    """The most confident candidate of each row (lowest position on ties), without a sort.
+
+    Equals ``confidence_ranks(...) == 0`` restricted to candidates, at the cost of one ``argmax`` (this runs
+    every step of every adaptive rule).
+
+    Args:
+        confidence: ``[B, K]`` floating scores.
+        candidates: ``[B, K]`` bool.
+
+    Returns:
+        ``[B, K]`` bool, one True per row that has a candidate.
+    """
+    lowest = torch.finfo(confidence.dtype).min
+    finite = torch.nan_to_num(confidence, nan=lowest, neginf=lowest)
+    scores = torch.where(candidates, finite, torch.full_like(confidence, -torch.inf))
+    best = scores.argmax(dim=-1, keepdim=True)  # first maximal index on ties (documented torch behaviour)
+    return torch.zeros_like(candidates).scatter_(-1, best, True) & candidates
+
+
 class TransferRule(ABC):
     """Chooses the positions revealed at one step.
 
@@ -108,8 +128,7 @@ class Threshold(TransferRule):
 
     def select(self, confidence: Tensor, candidates: Tensor, quota: Tensor) -> Tensor:
         """See :meth:`TransferRule.select`."""
-        top1 = (confidence_ranks(confidence, candidates) == 0) & candidates
-        return top1 | (candidates & (confidence >= self.threshold))
+        return top1_mask(confidence, candidates) | (candidates & (confidence >= self.threshold))
 
 
 class Factor(TransferRule):
