@@ -22,6 +22,13 @@ import torch
 from torch import Tensor
 
 
+def _candidate_scores(confidence: Tensor, candidates: Tensor) -> Tensor:
+    """``[B, K]`` scores where non-candidates (-inf) order after every candidate, even a -inf or NaN one."""
+    lowest = torch.finfo(confidence.dtype).min
+    finite = torch.nan_to_num(confidence, nan=lowest, neginf=lowest)
+    return torch.where(candidates, finite, torch.full_like(confidence, -torch.inf))
+
+
 def confidence_ranks(confidence: Tensor, candidates: Tensor) -> Tensor:
     """Rank of each position by descending confidence among the candidates of its row.
 
@@ -34,10 +41,7 @@ def confidence_ranks(confidence: Tensor, candidates: Tensor) -> Tensor:
     Returns:
         ``[B, K]`` int64 ranks, 0 = most confident candidate.
     """
-    # Non-candidates (-inf) must sort after every candidate, even one whose confidence is -inf or NaN.
-    lowest = torch.finfo(confidence.dtype).min
-    finite = torch.nan_to_num(confidence, nan=lowest, neginf=lowest)
-    scores = torch.where(candidates, finite, torch.full_like(confidence, -torch.inf))
+    scores = _candidate_scores(confidence, candidates)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
@@ -71,10 +75,8 @@ def top1_mask(confidence: Tensor, candidates: Tensor) -> Tensor:
     Returns:
         ``[B, K]`` bool, one True per row that has a candidate.
     """
-    lowest = torch.finfo(confidence.dtype).min
-    finite = torch.nan_to_num(confidence, nan=lowest, neginf=lowest)
-    scores = torch.where(candidates, finite, torch.full_like(confidence, -torch.inf))
-    best = scores.argmax(dim=-1, keepdim=True)  # first maximal index on ties (documented torch behaviour)
+    # argmax returns the first maximal index on ties (documented torch behaviour).
+    best = _candidate_scores(confidence, candidates).argmax(dim=-1, keepdim=True)
     return torch.zeros_like(candidates).scatter_(-1, best, True) & candidates
 
 
