@@ -65,8 +65,7 @@ class ThroughputMonitor(L.Callback):
         self.warmup_steps = warmup_steps
         self.logits_fraction = logits_fraction
         self.step_times: list[float] = []
-        self.step_flops: list[float] = []
-        self.step_tokens: list[int] = []
+        self._flops_per_token: dict[int, float] = {}  # by sequence length: the model does not change in a run
         self._start = 0.0
 
     def on_train_batch_start(
@@ -86,11 +85,12 @@ class ThroughputMonitor(L.Callback):
         backbone = getattr(pl_module, "net", None)
         if not isinstance(backbone, Backbone):
             return
+        seq = ids.shape[1]
+        if seq not in self._flops_per_token:
+            self._flops_per_token[seq] = forward_flops_per_token(backbone, seq, self.logits_fraction)
         tokens = ids.numel()
-        flops = 3.0 * tokens * forward_flops_per_token(backbone, ids.shape[1], self.logits_fraction)
+        flops = 3.0 * tokens * self._flops_per_token[seq]
         self.step_times.append(elapsed)
-        self.step_flops.append(flops)
-        self.step_tokens.append(tokens)
         metrics = {"perf/tokens_per_s": tokens / elapsed, "perf/step_s": elapsed}
         if self.peak_flops:
             metrics["perf/mfu"] = flops / elapsed / self.peak_flops
