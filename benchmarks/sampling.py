@@ -30,6 +30,7 @@ from dllm_zoo.data.synthetic import Arithmetic  # noqa: E402
 from dllm_zoo.evaluation import encode_prompts, evaluate_task  # noqa: E402
 from dllm_zoo.samplers import LLaDASampler, StaticQuota, Threshold  # noqa: E402
 from dllm_zoo.tokenizers import ByteTokenizer  # noqa: E402
+from memory import PeakMemory  # noqa: E402
 from reference_loops import fast_dllm_dual_threshold, llada_generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,18 +65,20 @@ def trained_model(steps: int) -> Path:
 
 def time_reference(fn, model, prompts, masks, **kw) -> dict:  # type: ignore[no-untyped-def]
     tokens = nfe = 0
-    start = time.perf_counter()
-    for ids, mask in zip(prompts, masks):
-        real = ids[:, mask[0]] if ids.shape[0] == 1 else ids
-        out, n = fn(model, real, **kw)
-        tokens += out.shape[0] * kw["gen_length"]
-        nfe += n
-    seconds = time.perf_counter() - start
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        for ids, mask in zip(prompts, masks):
+            real = ids[:, mask[0]] if ids.shape[0] == 1 else ids
+            out, n = fn(model, real, **kw)
+            tokens += out.shape[0] * kw["gen_length"]
+            nfe += n
+        seconds = time.perf_counter() - start
     return {
         "tokens_per_s": tokens / seconds,
         "forward_passes": nfe,
         "tokens_per_forward": tokens / nfe,
         "seconds": seconds,
+        "peak_memory_mib": mem.mib,
     }
 
 
@@ -102,13 +105,15 @@ def main() -> None:
     results: dict[str, dict] = {}
     for (name, kw), batch in itertools.product(modes.items(), (1, 8)):
         sampler = LLaDASampler(gen_length=g, block_length=blk, steps=g, **kw)  # type: ignore[arg-type]
-        rep = evaluate_task(model, tok, sampler, task, limit=args.limit, batch_size=batch)
+        with PeakMemory() as mem:
+            rep = evaluate_task(model, tok, sampler, task, limit=args.limit, batch_size=batch)
         results[f"{name}@{batch}"] = {
             "accuracy": rep.accuracy,
             "tokens_per_s": rep.tokens_per_second,
             "forward_passes": rep.forward_passes,
             "tokens_per_forward": rep.tokens_per_forward,
             "seconds": rep.seconds,
+            "peak_memory_mib": mem.mib,
         }
         print(name, batch, results[f"{name}@{batch}"], flush=True)
 

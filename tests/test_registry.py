@@ -15,11 +15,11 @@ class UserSchedule(LinearSchedule):
 
 def test_every_axis_lists_its_builtins() -> None:
     expected = {
-        "backbone": {"LLaDABackbone"},
+        "backbone": {"LLaDABackbone", "SDARBackbone"},
         "tokenizer": {"ByteTokenizer", "HFTextTokenizer"},
         "schedule": {"LinearSchedule", "CosineSchedule"},
         "loss": {"MaskedDiffusionLoss"},
-        "stage": {"MaskedDiffusionPretraining"},
+        "stage": {"MaskedDiffusionPretraining", "BlockDiffusionSFT"},
         "task": {"Arithmetic"},
         "sampler": {"LLaDASampler"},
         "confidence": {"LowConfidence", "Margin", "NegEntropy", "RandomConfidence"},
@@ -28,6 +28,7 @@ def test_every_axis_lists_its_builtins() -> None:
     for axis, names in expected.items():
         assert names <= set(registry.components(axis)), axis
     assert "NoiseSchedule" not in registry.components("schedule")  # abstract bases are not components
+    assert "TransformerBackbone" not in registry.components("backbone")  # the families' shared abstract base
     # jsonargparse's dynamic lazy-instance wrappers (created for the stage defaults) are not components
     assert not [n for axis in registry.AXES for n in registry.components(axis) if n.startswith("LazyInstance")]
 

@@ -52,7 +52,8 @@ class AccuracyReport:
     Attributes:
         accuracy: Fraction of samples the task's checker accepts.
         num_samples: Samples decoded.
-        generated_tokens: Canvas positions generated (``num_samples × gen_length``).
+        generated_tokens: Positions generated (the sampler's ``attention_mask`` over the completion part: a row that
+            stopped early counts only what it generated).
         forward_passes: Sum over batches of the sampler's NFE.
         seconds: Wall time of the sampling calls.
         completions: The decoded completions, in sample order.
@@ -103,8 +104,9 @@ def evaluate_task(
         seed: Seed of the sampler's generator (temperature > 0 or random remasking).
     """
     model.eval()
+    device = next(model.parameters()).device
     samples: list[dict[str, Any]] = list(itertools.islice(task.generate(split), limit))  # type: ignore[arg-type]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     completions: list[str] = []
     nfe = generated = 0
     seconds = 0.0
@@ -112,12 +114,14 @@ def evaluate_task(
         chunk = samples[start : start + batch_size]
         ids, mask = encode_prompts(tokenizer, [s["prompt"] for s in chunk], chat=chat)
         t0 = time.perf_counter()
-        out = sampler.generate(model, ids, mask, generator=gen)
+        out = sampler.generate(model, ids.to(device), mask.to(device), generator=gen)
+        completion_ids = out.tokens[:, ids.shape[1] :]
+        completion_mask = out.attention_mask[:, ids.shape[1] :]
+        generated += int(completion_mask.sum())  # also the sync that makes the timing honest on accelerators
         seconds += time.perf_counter() - t0
         nfe += out.nfe
-        completion_ids = out.tokens[:, ids.shape[1] :]
-        generated += completion_ids.numel()
-        completions += tokenizer.batch_decode(completion_ids.tolist(), skip_special_tokens=True)
+        rows = [[t for t, m in zip(r, k) if m] for r, k in zip(completion_ids.tolist(), completion_mask.tolist())]
+        completions += tokenizer.batch_decode(rows, skip_special_tokens=True)
     correct = sum(task.check(c, s) for c, s in zip(completions, samples))
     return AccuracyReport(
         accuracy=correct / max(1, len(samples)),

@@ -277,8 +277,27 @@ def test_cache_refusals(tiny):
         tiny(window[:1], position_ids=pos[:1], cache=c)
     with pytest.raises(ValueError, match=r"must have shape \(2, 4\)"):
         tiny(window, position_ids=pos, cache=c, attention_mask=torch.ones(2, L + 4))
-    with pytest.raises(ValueError, match="4-D mask has no per-key padding"):
-        tiny(ids, attention_mask=torch.ones(2, 1, L, L, dtype=torch.bool), return_cache=True)
+    with pytest.raises(ValueError, match=r"4-D attention_mask must have shape \(2, 1, 4, 4\)"):
+        tiny(window, position_ids=pos, cache=c, attention_mask=torch.ones(2, 1, 4, L + 4, dtype=torch.bool))
+
+
+def test_explicit_pattern_with_cache_equals_key_padding_path(tiny):
+    """A 4-D mask with return_cache / cache gives the same K/V and logits as the equivalent key padding."""
+    ids = _ids(2, 12)
+    pad = torch.ones(2, 12, dtype=torch.bool)
+    pad[1, :3] = False
+    pattern = pad[:, None, None, :].expand(2, 1, 12, 12)
+    with torch.no_grad():
+        a = tiny(ids, attention_mask=pad, return_cache=True)
+        b = tiny(ids, attention_mask=pattern, return_cache=True)
+    assert b.cache.key_mask is None  # a 4-D mask carries no per-key padding: the caller sets it
+    torch.testing.assert_close(a.logits[pad], b.logits[pad])
+    torch.testing.assert_close(a.cache.keys[0], b.cache.keys[0])
+    ctx = dataclasses.replace(b.cache.select(slice(0, 8)), key_mask=pad[:, :8])
+    pos = torch.arange(8, 12).expand(2, 4)
+    with torch.no_grad():
+        w = tiny(ids[:, 8:], position_ids=pos, cache=ctx, attention_mask=torch.ones(2, 1, 4, 4, dtype=torch.bool))
+    torch.testing.assert_close(w.logits, a.logits[:, 8:], atol=1e-5, rtol=0)
 
 
 def test_return_cache_while_training_with_checkpointing():

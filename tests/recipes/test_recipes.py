@@ -18,8 +18,12 @@ def test_every_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture
         recipe_main(recipe)(["fit", "--config", str(config), "--print_config"])
     assert exc.value.code == 0
     printed = capsys.readouterr().out
-    assert "LLaDABackbone" in printed
-    assert "MaskedDiffusionPretraining" in printed
+    expected = {
+        "pretrain": ("LLaDABackbone", "MaskedDiffusionPretraining"),
+        "sdar": ("SDARBackbone", "BlockDiffusionSFT"),
+    }
+    for name in expected[recipe]:
+        assert name in printed
 
 
 def test_pretrain_recipe_runs_a_few_steps_and_writes_logs_and_checkpoints(tmp_path: Path) -> None:
@@ -48,3 +52,25 @@ def test_cli_lists_components(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "LLaDABackbone" in out
     assert "dllm_zoo.backbones.llada" in out
+
+
+def test_sdar_recipe_runs_a_few_steps_and_logs_accuracy(tmp_path: Path) -> None:
+    recipe_main("sdar")(
+        [
+            "fit",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--model.optim.warmup_steps=2",
+            "--data.batch_size=4",
+        ]
+    )
+    version = tmp_path / "tiny_arithmetic" / "version_0"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    assert "val/accuracy" in events.Tags()["scalars"]
+    assert (version / "checkpoints" / "last.ckpt").is_file()

@@ -3,5 +3,6 @@
 from dllm_zoo.backbones.base import Backbone, BackboneOutput
 from dllm_zoo.backbones.cache import KVCache
 from dllm_zoo.backbones.llada import LLaDABackbone, LLaDAConfig
+from dllm_zoo.backbones.sdar import SDARBackbone, SDARConfig
 
-__all__ = ["Backbone", "BackboneOutput", "KVCache", "LLaDABackbone", "LLaDAConfig"]
+__all__ = ["Backbone", "BackboneOutput", "KVCache", "LLaDABackbone", "LLaDAConfig", "SDARBackbone", "SDARConfig"]

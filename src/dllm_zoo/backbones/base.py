@@ -58,7 +58,8 @@ class Backbone(nn.Module, ABC):
         Args:
             input_ids: ``[B, L]`` token ids.
             attention_mask: ``[B, L]`` key-padding mask (1 = real token) or a ``[B, 1, L, L]`` bool mask
-                (True = may attend). ``None`` attends everywhere.
+                (True = may attend, used as-is). ``None`` and key padding use the family's own pattern: every
+                position (LLaDA) or block-causal on the grid ``position_ids // block_size`` (SDAR).
             position_ids: ``[B, L]`` RoPE positions; default ``0..L-1``.
             cache: Keys/values of context positions the input window attends to in addition to itself
                 (samplers' prefix/dual/block caches); ``input_ids`` is then only the window.

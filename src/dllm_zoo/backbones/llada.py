@@ -29,28 +29,38 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from dllm_zoo.backbones.attention import key_padding_to_sdpa, to_sdpa_mask
-from dllm_zoo.backbones.base import Backbone, BackboneOutput
-from dllm_zoo.backbones.cache import KVCache
-from dllm_zoo.backbones.checkpoint import (
-    CONFIG_NAME,
-    DEFAULT_MAX_SHARD_SIZE,
-    load_state_dict,
-    read_json,
-    save_state_dict,
-    write_json_atomic,
+from dllm_zoo.backbones.layers import RMSNorm, swiglu
+from dllm_zoo.backbones.transformer import (
+    LAYOUT_KEY,
+    TransformerBackbone,
+    TransformerConfig,
+    attend,
+    check_layout,
+    infer_layout,
+    layout_from_json,
+    layout_to_json,
 )
-from dllm_zoo.backbones.layers import RMSNorm, RotaryEmbedding, apply_rotary, swiglu
 from dllm_zoo.tokenizers.layout import TokenLayout
 
-LAYOUT_KEY = "dllm_zoo_layout"
+# Re-exported: these lived here before the families shared them (dllm_zoo.backbones.transformer).
+__all__ = [
+    "LAYOUT_KEY",
+    "LLaDABackbone",
+    "LLaDABlock",
+    "LLaDAConfig",
+    "LLaDAModel",
+    "LLaDATransformer",
+    "check_layout",
+    "infer_layout",
+    "layout_from_json",
+    "layout_to_json",
+]
+
 _ARCHITECTURES = {"llada": ["LLaDAModelLM"], "mmada": ["MMadaModelLM"]}
 
 # config.json fields whose other values change the math; value -> allowed values. Checked on load, written on save.
@@ -85,11 +95,10 @@ _INFO_DEFAULTS: dict[str, Any] = {
     "rope_full_precision": True,  # we always compute RoPE in fp32, whatever this says
     "use_cache": False,
 }
-_EXPECTED_ROWS = {126464: "llada", 134656: "mmada"}  # embedding rows of the released checkpoints -> layout
 
 
 @dataclass
-class LLaDAConfig:
+class LLaDAConfig(TransformerConfig):
     """Hyper-parameters of a LLaDA/MMaDA network, with the ORIGINAL ``config.json`` field names.
 
     Attributes:
@@ -134,6 +143,8 @@ class LLaDAConfig:
     model_type: str = "llada"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    FAMILY: ClassVar[str] = "LLaDA"
+    EXPECTED_ROWS: ClassVar[dict[int, str]] = {126464: "llada", 134656: "mmada"}  # released checkpoints' rows
     PRESET_LAYOUTS: ClassVar[dict[str, str]] = {
         "tiny": "default",
         "mini": "default",
@@ -168,6 +179,11 @@ class LLaDAConfig:
 
     # ------------------------------------------------------------------------------------- derived sizes
     @property
+    def num_layers(self) -> int:
+        """Transformer blocks (``n_layers``)."""
+        return self.n_layers
+
+    @property
     def head_dim(self) -> int:
         """Channels per head, ``d_model / n_heads`` (LLaDA-8B: 128)."""
         return self.d_model // self.n_heads
@@ -187,12 +203,14 @@ class LLaDAConfig:
         """Rows of ``wte`` and of the LM head: ``embedding_size`` or ``vocab_size``."""
         return self.embedding_size if self.embedding_size is not None else self.vocab_size
 
-    # ------------------------------------------------------------------------------------------- presets
-    @classmethod
-    def preset_names(cls) -> list[str]:
-        """Names accepted by :meth:`preset`."""
-        return list(cls.PRESET_LAYOUTS)
+    def resized(self, new_vocab: int) -> LLaDAConfig:
+        """A copy with ``vocab_size = embedding_size = new_vocab`` (and MMaDA's ``new_vocab_size`` when present)."""
+        config = dataclasses.replace(self, vocab_size=new_vocab, embedding_size=new_vocab)
+        if "new_vocab_size" in config.extra:
+            config.extra = {**config.extra, "new_vocab_size": new_vocab}
+        return config
 
+    # ------------------------------------------------------------------------------------------- presets
     @classmethod
     def preset(cls, name: str, layout: TokenLayout | str | None = None) -> LLaDAConfig:
         """A named size.
@@ -310,75 +328,6 @@ class LLaDAConfig:
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from err
 
-    @classmethod
-    def from_dir(cls, path: str | Path) -> tuple[LLaDAConfig, TokenLayout | None]:
-        """Read ``config.json`` of a checkpoint directory.
-
-        Returns:
-            The config and the layout saved under ``"dllm_zoo_layout"`` (``None`` for original checkpoints).
-
-        Raises:
-            FileNotFoundError: naming the missing ``config.json``.
-        """
-        file = Path(path) / CONFIG_NAME
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} not found: a LLaDA checkpoint directory needs its config.json")
-        data = read_json(file)
-        saved = data.get(LAYOUT_KEY)
-        layout = layout_from_json(saved, file) if saved is not None else None
-        return cls.from_json_dict(data, file), layout
-
-
-def layout_to_json(layout: TokenLayout) -> dict[str, Any]:
-    """A token layout as a JSON object (every dataclass field)."""
-    out = {f.name: getattr(layout, f.name) for f in dataclasses.fields(layout)}
-    out["special_tokens"] = dict(layout.special_tokens)
-    return out
-
-
-def layout_from_json(data: Any, source: str | Path = "config.json") -> TokenLayout:
-    """Inverse of :func:`layout_to_json`; raises ``ValueError`` naming ``source`` on a malformed entry."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: {LAYOUT_KEY!r} must be an object of TokenLayout fields")
-    known = {f.name for f in dataclasses.fields(TokenLayout)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{source}: {LAYOUT_KEY!r} has unknown TokenLayout fields {unknown}")
-    try:
-        return TokenLayout(**data)
-    except TypeError as err:
-        raise ValueError(f"{source}: {LAYOUT_KEY!r} is incomplete: {err}") from err
-
-
-def check_layout(config: LLaDAConfig, layout: TokenLayout) -> None:
-    """Raise ``ValueError`` naming both when a layout does not fit a config (rows, mask id)."""
-    problems = []
-    if config.num_embeddings < layout.vocab_size:
-        problems.append(
-            f"the config has {config.num_embeddings} embedding rows < layout vocab_size={layout.vocab_size}"
-        )
-    if config.mask_token_id != layout.mask_id:
-        problems.append(f"config mask_token_id={config.mask_token_id} != layout mask_id={layout.mask_id}")
-    if problems:
-        raise ValueError(f"token layout {layout.name!r} does not fit the LLaDA config: " + "; ".join(problems))
-
-
-def infer_layout(config: LLaDAConfig, saved: TokenLayout | None = None) -> TokenLayout | None:
-    """The token layout that belongs to a config, or ``None`` when it cannot be told.
-
-    In order: the layout saved in config.json; the released vocabularies by embedding rows (126464 -> ``llada``,
-    134656 -> ``mmada``); the embedded ``default`` layout when the config has exactly its rows and mask id.
-    """
-    if saved is not None:
-        return saved
-    name = _EXPECTED_ROWS.get(config.num_embeddings)
-    if name is not None:
-        return TokenLayout.preset(name)
-    default = TokenLayout.preset("default")
-    if config.num_embeddings == default.vocab_size and config.mask_token_id == default.mask_id:
-        return default
-    return None
-
 
 # ------------------------------------------------------------------------------------------------ modules
 class LLaDABlock(nn.Module):
@@ -433,20 +382,10 @@ class LLaDABlock(nn.Module):
         """
         b, seq, _ = x.shape
         n = self.attn_norm(x)
-        # RoPE on the [B, L, H, hd] projection layout, then a free transpose to SDPA's [B, H, L, hd].
-        q = apply_rotary(self.q_proj(n).view(b, seq, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rotary(self.k_proj(n).view(b, seq, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.v_proj(n).view(b, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if kv_out is not None:
-            kv_out.append((k, v))
-        if context is not None:
-            k = torch.cat((context[0], k), dim=2)
-            v = torch.cat((context[1], v), dim=2)
-        # Never causal (masked diffusion). SDPA's default scale is 1/sqrt(head_dim), as in LLaDA.
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=False, enable_gqa=self.n_kv_heads != self.n_heads
-        )
-        h = x + self.attn_out(a.transpose(1, 2).reshape(b, seq, self.n_heads * self.head_dim))
+        q = self.q_proj(n).view(b, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(n).view(b, seq, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(n).view(b, seq, self.n_kv_heads, self.head_dim)
+        h = x + self.attn_out(attend(q, k, v, cos, sin, attn_mask, context, kv_out))
         return h + swiglu(self.ff_norm(h), self.ff_proj, self.up_proj, self.ff_out)
 
 
@@ -469,11 +408,14 @@ class LLaDAModel(nn.Module):
         self.transformer = LLaDATransformer(config)
 
 
-class LLaDABackbone(Backbone):
+class LLaDABackbone(TransformerBackbone[LLaDAConfig]):
     """LLaDA / MMaDA full-attention mask predictor (see the module docstring for the math and key names).
 
+    Forward, caches, checkpoints and resizing are the shared :class:`TransformerBackbone` machinery; this class
+    supplies LLaDA's module tree and its default attention: bidirectional over every real key.
+
     Args:
-        config: A preset name (``tiny``, ``small``, ``llada-8b``, ``mmada-8b``) or a :class:`LLaDAConfig`;
+        config: A preset name (``tiny``, ``mini``, ``small``, ``llada-8b``, ``mmada-8b``) or a :class:`LLaDAConfig`;
             ``None`` means ``tiny``. Must stay ``None`` when ``pretrained`` is given (the config then comes from
             config.json).
         layout: Token layout or preset name. Default: the preset's (``default`` for tiny/small, ``llada`` /
@@ -489,6 +431,8 @@ class LLaDABackbone(Backbone):
         torch.Size([2, 16, 336])
     """
 
+    config_class = LLaDAConfig
+
     def __init__(
         self,
         config: LLaDAConfig | str | None = None,
@@ -496,346 +440,34 @@ class LLaDABackbone(Backbone):
         pretrained: str | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
-        super().__init__()
-        self.gradient_checkpointing = gradient_checkpointing
-        if pretrained is not None:
-            if config is not None:
-                raise ValueError(
-                    f"pass either `config` or `pretrained`, not both: the config of {pretrained} comes from its "
-                    f"config.json (got config={config!r})"
-                )
-            cfg, lay = _pretrained_config(pretrained, layout, {})
-            with torch.device("meta"):  # no allocation: the checkpoint tensors are assigned as parameters
-                self._build(cfg, lay)
-            self._load_weights(pretrained)
-            return
-        if config is None:
-            config = "tiny"
-        if isinstance(config, str):
-            lay_arg = layout if layout is not None else LLaDAConfig.PRESET_LAYOUTS.get(config)
-            cfg = LLaDAConfig.preset(config, lay_arg)
-            resolved = TokenLayout.resolve(lay_arg) if lay_arg is not None else None
-        else:
-            cfg = config
-            resolved = TokenLayout.resolve(layout) if layout is not None else infer_layout(cfg)
-            if resolved is None:
-                raise ValueError(
-                    f"cannot infer the token layout of a LLaDAConfig with {cfg.num_embeddings} embedding rows and "
-                    f"mask_token_id={cfg.mask_token_id}: pass `layout=` (one of {TokenLayout.preset_names()} or a "
-                    "TokenLayout)"
-                )
-        assert resolved is not None
-        self._build(cfg, resolved)
-        self.reset_parameters()
+        super().__init__(config, layout, pretrained, gradient_checkpointing)
 
-    # ---------------------------------------------------------------------------------------- construction
-    def _build(self, config: LLaDAConfig, layout: TokenLayout) -> None:
-        check_layout(config, layout)
-        self.config = config
-        self.layout = layout
+    def _build_model(self, config: LLaDAConfig) -> None:
         self.model = LLaDAModel(config)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
-
-    def reset_parameters(self) -> None:
-        """Fresh init: normal(0, ``init_std``) for every Linear and Embedding weight, ones for the norms.
-
-        Deterministic under ``torch.manual_seed`` (modules are visited in registration order).
-        """
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
 
     @property
     def transformer(self) -> LLaDATransformer:
         """``self.model.transformer`` (embedding, blocks, final norm, LM head)."""
         return self.model.transformer
 
+    def input_embedding(self) -> nn.Embedding:
+        """The token embedding ``model.transformer.wte``."""
+        return self.model.transformer.wte
+
+    def final_norm(self) -> nn.Module:
+        """The final RMSNorm ``model.transformer.ln_f``."""
+        return self.model.transformer.ln_f
+
     def output_head(self) -> nn.Linear:
         """The untied vocabulary projection ``model.transformer.ff_out``."""
-        return self.transformer.ff_out
+        return self.model.transformer.ff_out
 
     def transformer_blocks(self) -> nn.ModuleList:
         """The :class:`LLaDABlock` list (``model.transformer.blocks``)."""
         return self.model.transformer.blocks
 
-    # --------------------------------------------------------------------------------------------- forward
-    def forward(
-        self,
-        input_ids: Tensor,
-        *,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        cache: KVCache | None = None,
-        logits_at: Tensor | None = None,
-        return_hidden: bool = False,
-        return_logits: bool = True,
-        return_cache: bool = False,
-    ) -> BackboneOutput:
-        """Run the mask predictor with bidirectional attention, over a whole canvas or over a window.
-
-        Without ``cache`` the ``L`` input positions attend to each other. With ``cache`` they are a *window* of
-        ``W`` positions whose queries attend to the ``S`` context keys of the cache and to the window's own keys
-        (bidirectionally, never causally); outputs exist only for the window. Exact when the cached keys were
-        computed from the current canvas (e.g. a prefix/suffix cut of ``return_cache=True`` of a full forward
-        over the same tokens); otherwise the context is as stale as the canvas it was computed from (Fast-dLLM
-        prefix/dual cache, research/tracerl_llada.md §7.2).
-
-        Args:
-            input_ids: ``[B, L]`` token ids (``[B, W]`` with ``cache``).
-            attention_mask: Without ``cache``: ``None`` (attend everywhere), ``[B, L]`` key padding (1 = real
-                token; padding keys are never attended, padding queries get finite but meaningless outputs) or a
-                ``[B, 1, L, L]`` bool mask (True = may attend); never turned causal; an all-ones ``[B, L]`` mask
-                takes the unmasked SDPA path. With ``cache``: ``None`` or ``[B, W]`` key padding of the window's
-                own keys (the context's padding is ``cache.key_mask``).
-            position_ids: ``[B, L]`` RoPE positions (default ``0..L-1``; left-padded rows may pass
-                ``cumsum(mask) - 1`` so real tokens start at position 0). Required with ``cache``: the window's
-                absolute positions, as used for the cached keys' canvas.
-            cache: A :class:`KVCache` of context keys/values (post-RoPE) with one entry per block, batch ``B`` and
-                this model's ``H_kv`` and ``head_dim``.
-            logits_at: ``[B, L]`` bool -> logits ``[N, V]`` at the True positions (row-major);
-                ``[B, K]`` integer -> logits ``[B, K, V]`` at those positions. The hidden states are gathered before
-                the vocabulary projection, which dominates memory at 126k rows.
-            return_hidden: Also return the final (post-``ln_f``) hidden states ``[B, L, D]``.
-            return_logits: False skips the vocabulary projection (``logits=None``).
-            return_cache: Also return this forward's own keys/values for the ``L`` input positions as a
-                :class:`KVCache` (``[B, H_kv, L, head_dim]`` per block, keys after RoPE, ``key_mask`` = the
-                ``[B, L]`` padding mask as bool or ``None``); with ``cache``, the window's keys only, not the
-                concatenation. Turns gradient checkpointing off for this call.
-
-        Returns:
-            :class:`BackboneOutput` with ``logits`` ``[B, L, V]`` (or as selected by ``logits_at``) and ``cache``
-            when ``return_cache``.
-
-        Raises:
-            ValueError: on wrong shapes, a missing ``position_ids`` with ``cache``, a cache that does not fit the
-                model or batch, or ``return_cache`` with a 4-D ``attention_mask`` (it has no per-key padding).
-            TypeError: when ``cache`` is not a :class:`KVCache`.
-        """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
-        b, seq = input_ids.shape
-        if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[-1] != seq):
-            raise ValueError(f"position_ids must be [B, L] = [{b}, {seq}], got shape {tuple(position_ids.shape)}")
-        tr = self.model.transformer
-        if cache is None and not return_cache:  # the training path: nothing extra per forward
-            mask = to_sdpa_mask(attention_mask, b, seq)
-            cos, sin = self.rotary(seq, input_ids.device, position_ids)
-            x = tr.wte(input_ids)
-            recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-            for block in tr.blocks:
-                if recompute:
-                    x = cast(Tensor, checkpoint(block, x, cos, sin, mask, use_reentrant=False))
-                else:
-                    x = block(x, cos, sin, mask)
-            h = tr.ln_f(x)
-            logits = tr.ff_out(_select(h, logits_at)) if return_logits else None
-            return BackboneOutput(logits=logits, hidden=h if return_hidden else None)
-
-        if attention_mask is not None and attention_mask.dim() != 2:  # cache path from here on
-            raise ValueError(
-                "with `cache` or `return_cache`, attention_mask must be None or a [B, L] key-padding mask, got shape "
-                f"{tuple(attention_mask.shape)} (a 4-D mask has no per-key padding to cache or combine)"
-            )
-        if attention_mask is not None and tuple(attention_mask.shape) != (b, seq):
-            raise ValueError(f"attention_mask [B, L] must have shape {(b, seq)}, got {tuple(attention_mask.shape)}")
-        own_mask = None if attention_mask is None else _as_bool(attention_mask)
-        if cache is None:
-            mask = to_sdpa_mask(own_mask, b, seq)
-        else:
-            self._check_cache(cache, b, position_ids)
-            mask = _window_mask(cache, own_mask, b, seq)
-        cos, sin = self.rotary(seq, input_ids.device, position_ids)
-        x = tr.wte(input_ids)
-        kv: list[tuple[Tensor, Tensor]] | None = [] if return_cache else None
-        for i, block in enumerate(tr.blocks):
-            context = None if cache is None else (cache.keys[i], cache.values[i])
-            x = block(x, cos, sin, mask, context, kv)
-        h = tr.ln_f(x)
-        logits = tr.ff_out(_select(h, logits_at)) if return_logits else None
-        out_cache = None
-        if kv is not None:
-            out_cache = KVCache([k for k, _ in kv], [v for _, v in kv], own_mask)
-        return BackboneOutput(logits=logits, hidden=h if return_hidden else None, cache=out_cache)
-
-    def _check_cache(self, cache: Any, batch: int, position_ids: Tensor | None) -> None:
-        """Refuse a cache that is no fitting :class:`KVCache`, or a window without ``position_ids``."""
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a KVCache (from forward(..., return_cache=True)), got {type(cache)!r}")
-        if position_ids is None:
-            raise ValueError(
-                "forward(cache=...) needs position_ids [B, W]: the window's absolute RoPE positions (the cached keys "
-                "carry theirs), e.g. position_ids[:, s:e] of the full canvas"
-            )
-        cfg = self.config
-        _, h_kv, _, hd = cache.keys[0].shape
-        if (
-            cache.n_layers != cfg.n_layers
-            or cache.batch_size != batch
-            or (h_kv, hd) != (cfg.num_kv_heads, cfg.head_dim)
-        ):
-            raise ValueError(
-                f"cache does not fit: it has {cache.n_layers} layers and keys {tuple(cache.keys[0].shape)} "
-                f"[B, H_kv, S, head_dim]; this model and input need {cfg.n_layers} layers and "
-                f"[{batch}, {cfg.num_kv_heads}, S, {cfg.head_dim}]"
-            )
-
-    # ------------------------------------------------------------------------------------------ vocabulary
-    def resize_token_embeddings(self, new_vocab: int, layout: TokenLayout | str | None = None) -> None:
-        """Grow ``wte`` and the LM head to ``new_vocab`` rows (MMaDA adds 8192 image codes to LLaDA's 126464).
-
-        New rows of both matrices are set to the mean of the existing rows, so new tokens start from an
-        "average token" and the output distribution over old tokens is unchanged at first. (HF's
-        ``resize_token_embeddings`` is version dependent: random init in older releases, mean-resizing in newer
-        ones; research/mmada.md §2.2.) ``config.vocab_size`` and ``config.embedding_size`` become ``new_vocab``.
-        Resize before building the optimizer: the two weights are new Parameters.
-
-        Args:
-            new_vocab: Rows after resizing (>= the current rows).
-            layout: New token layout to adopt at the same time (e.g. ``"mmada"``), checked against the config.
-        """
-        tr = self.model.transformer
-        old = tr.wte.num_embeddings
-        if new_vocab < old:
-            raise ValueError(f"resize_token_embeddings only grows the vocabulary: {new_vocab} < {old} rows")
-        new_layout = TokenLayout.resolve(layout) if layout is not None else self.layout
-        if new_vocab > old:
-            for module in (tr.wte, tr.ff_out):
-                w = module.weight
-                with torch.no_grad():
-                    mean = w.float().mean(dim=0, keepdim=True).to(w.dtype)
-                    grown = torch.cat([w.detach(), mean.expand(new_vocab - old, -1)], dim=0)
-                module.weight = nn.Parameter(grown, requires_grad=w.requires_grad)
-            tr.wte.num_embeddings = new_vocab
-            tr.ff_out.out_features = new_vocab
-        config = dataclasses.replace(self.config, vocab_size=new_vocab, embedding_size=new_vocab)
-        if "new_vocab_size" in config.extra:
-            config.extra = {**config.extra, "new_vocab_size": new_vocab}
-        check_layout(config, new_layout)
-        self.config = config
-        self.layout = new_layout
-
-    # --------------------------------------------------------------------------------------- checkpoints
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        layout: TokenLayout | str | None = None,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-        **overrides: Any,
-    ) -> LLaDABackbone:
-        """Load an original LLaDA / MMaDA checkpoint directory (or one written by :meth:`save_pretrained`).
-
-        The module is built on the meta device and the loaded tensors are assigned as its parameters, so an 8B
-        model is allocated once. Keys and shapes are checked strictly before any data is read.
-
-        Args:
-            path: Directory with ``config.json`` and ``model.safetensors`` or shards + index.
-            layout: Token layout; default: the one saved in config.json (``dllm_zoo_layout``), else inferred from
-                the rows (126464 -> ``llada``, 134656 -> ``mmada``).
-            dtype: Cast floating weights to this dtype (``None`` keeps the stored dtype, bf16 for the releases).
-            device: Where the weights are created.
-            **overrides: ``gradient_checkpointing=`` or :class:`LLaDAConfig` fields to replace after reading
-                config.json (e.g. ``max_sequence_length``).
-
-        Raises:
-            FileNotFoundError: naming a missing config.json or weights file.
-            ValueError: on an unsupported config field, a layout mismatch or a key/shape mismatch.
-        """
-        gradient_checkpointing = bool(overrides.pop("gradient_checkpointing", False))
-        cfg, lay = _pretrained_config(path, layout, overrides)
-        with torch.device("meta"):
-            model = cls(cfg, layout=lay, gradient_checkpointing=gradient_checkpointing)
-        model._load_weights(path, dtype=dtype, device=device)
-        return model
-
-    def _load_weights(
-        self, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-    ) -> None:
-        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        state = load_state_dict(path, expected, device=device, dtype=dtype)
-        self.load_state_dict(state, strict=True, assign=True)
-
-    def save_pretrained(self, path: str | Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
-        """Write ``config.json`` (original field names + ``dllm_zoo_layout``) and safetensors in the original keys.
-
-        One ``model.safetensors`` when everything fits in ``max_shard_size`` bytes, else
-        ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``, as ``transformers`` does. Every
-        file is written to a temporary name and renamed.
-
-        Args:
-            path: Output directory (created if needed; other files in it are left alone).
-            max_shard_size: Byte budget per shard (default 5 GiB).
-        """
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.config.to_json_dict(self.layout), root / CONFIG_NAME)
-        save_state_dict(self.state_dict(), root, max_shard_size=max_shard_size)
-
-
-def _as_bool(mask: Tensor) -> Tensor:
-    """A 0/1 (or bool) mask as bool."""
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def _window_mask(cache: KVCache, own: Tensor | None, batch: int, width: int) -> Tensor | None:
-    """SDPA mask ``[B, 1, 1, S + W]`` of a window forward (context keys first), or ``None`` when no key is padding.
-
-    Args:
-        cache: The context; its ``key_mask`` (``None`` = all real) covers the first ``S`` keys.
-        own: ``[B, W]`` bool key padding of the window's own keys, or ``None`` (all real).
-        batch: ``B``.
-        width: ``W``.
-    """
-    if cache.key_mask is None and own is None:
-        return None
-    device = cache.keys[0].device
-    ctx = cache.key_mask
-    if ctx is None:
-        ctx = torch.ones(batch, cache.seq_len, dtype=torch.bool, device=device)
-    if own is None:
-        own = torch.ones(batch, width, dtype=torch.bool, device=device)
-    return key_padding_to_sdpa(torch.cat((ctx.to(device), own.to(device)), dim=1))
-
-
-def _select(h: Tensor, logits_at: Tensor | None) -> Tensor:
-    """Hidden states ``[B, L, D]`` at the positions where logits are wanted (see ``LLaDABackbone.forward``)."""
-    if logits_at is None:
-        return h
-    b, seq, d = h.shape
-    if logits_at.dtype == torch.bool:
-        if tuple(logits_at.shape) != (b, seq):
-            raise ValueError(f"bool logits_at must be [B, L] = [{b}, {seq}], got shape {tuple(logits_at.shape)}")
-        return h[logits_at]
-    if logits_at.is_floating_point() or logits_at.dim() != 2 or logits_at.shape[0] != b:
-        raise ValueError(
-            f"logits_at must be a [B, L] bool mask or a [B, K] integer index tensor with B={b}, got "
-            f"{logits_at.dtype} of shape {tuple(logits_at.shape)}"
-        )
-    return torch.gather(h, 1, logits_at.long().unsqueeze(-1).expand(-1, -1, d))
-
-
-def _pretrained_config(
-    path: str | Path, layout: TokenLayout | str | None, overrides: dict[str, Any]
-) -> tuple[LLaDAConfig, TokenLayout]:
-    """Config (with overrides) and layout of a checkpoint directory."""
-    cfg, saved = LLaDAConfig.from_dir(path)
-    if overrides:
-        valid = {f.name for f in dataclasses.fields(LLaDAConfig)}
-        unknown = sorted(set(overrides) - valid)
-        if unknown:
-            raise ValueError(
-                f"unknown overrides {unknown}: use gradient_checkpointing or LLaDAConfig fields {sorted(valid)}"
-            )
-        cfg = dataclasses.replace(cfg, **overrides)
-    lay = TokenLayout.resolve(layout) if layout is not None else infer_layout(cfg, saved)
-    if lay is None:
-        raise ValueError(
-            f"cannot infer the token layout of {Path(path) / CONFIG_NAME} ({cfg.num_embeddings} embedding rows, "
-            f"no {LAYOUT_KEY!r} entry): pass layout= (one of {TokenLayout.preset_names()} or a TokenLayout)"
-        )
-    check_layout(cfg, lay)
-    return cfg, lay
+    def _self_mask(
+        self, padding: Tensor | None, position_ids: Tensor | None, batch: int, length: int, device: torch.device
+    ) -> Tensor | None:
+        """Bidirectional: every query attends to every real key (``[B, 1, 1, L]`` key padding, or ``None``)."""
+        return None if padding is None else padding[:, None, None, :]

@@ -5,6 +5,7 @@
 
 from dllm_zoo.data.datamodule import TextDiffusionDataModule
 from dllm_zoo.data.loader import LoaderPosition, ResumableDataLoader
+from dllm_zoo.data.packing import PackSequences, packed_sample_ids
 from dllm_zoo.data.sequences import (
     BuildSequence,
     LMBuilder,
@@ -25,6 +26,7 @@ __all__ = [
     "LMBuilder",
     "LMChatBuilder",
     "LoaderPosition",
+    "PackSequences",
     "ResumableDataLoader",
     "SampleDropped",
     "SampleStream",
@@ -39,5 +41,6 @@ __all__ = [
     "is_hf_dataset_dir",
     "is_remote",
     "make_builder",
+    "packed_sample_ids",
     "write_shards",
 ]

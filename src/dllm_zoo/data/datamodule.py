@@ -9,6 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from dllm_zoo.data.loader import ResumableDataLoader
+from dllm_zoo.data.packing import PackSequences
 from dllm_zoo.data.sequences import BuildSequence, SequenceFormat, collate_sequences, make_builder
 from dllm_zoo.data.shards import expand_shards, is_remote
 from dllm_zoo.data.stream import SampleStream, is_hf_dataset_dir
@@ -28,6 +29,13 @@ class TextDiffusionDataModule(L.LightningDataModule):
     answers. The train loader is a :class:`~dllm_zoo.data.loader.ResumableDataLoader`: shuffled per epoch, split
     by rank and worker, saved in checkpoints and resumed exactly; the validation loader is one deterministic
     pass split by samples.
+
+    With ``pack=True`` each row holds several samples (greedy first-fit in stream order within each batch, see
+    :mod:`dllm_zoo.data.packing`); batches then also carry ``segment_ids`` and ``position_ids`` ``[B, L]`` (the
+    padding tail has ``segment_ids`` -1 and ``attention_mask`` False), ``truncated`` counts samples, and the
+    reference answers come as ``answers`` (``list[list[str]]``, per row one per packed sample) instead of
+    ``answer``. Only stages that read ``segment_ids`` keep packed samples apart
+    (:class:`~dllm_zoo.stages.BlockDiffusionSFT`); the others would attend across samples. Resume stays exact.
 
     In Python, ``train``/``val`` may also be ``datasets.Dataset`` objects.
 
@@ -52,7 +60,8 @@ class TextDiffusionDataModule(L.LightningDataModule):
         text_field: Sample field with the document text (``lm``; falls back to prompt + " " + response).
         prompt_field: Sample field with the prompt / user turn.
         response_field: Sample field with the response / assistant turn.
-        answer_field: Sample field with a reference answer, kept in batches as ``answer``.
+        answer_field: Sample field with a reference answer, kept in batches as ``answer`` (``answers`` when packing).
+        pack: Pack several samples into each row (train and validation) instead of padding each to ``seq_len``.
     """
 
     def __init__(
@@ -72,6 +81,7 @@ class TextDiffusionDataModule(L.LightningDataModule):
         prompt_field: str = "prompt",
         response_field: str = "response",
         answer_field: str = "answer",
+        pack: bool = False,
     ) -> None:
         super().__init__()
         if seq_len < 2:
@@ -91,6 +101,7 @@ class TextDiffusionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = cache_dir
+        self.pack = pack
         self.builder = make_builder(format, text_field, prompt_field, response_field, answer_field)
         self._train_source: Any = None
         self._val_source: Any = None
@@ -132,7 +143,11 @@ class TextDiffusionDataModule(L.LightningDataModule):
         self._train_source, self._val_source = self._resolve()
 
     def _transform(self) -> BuildSequence:
-        return BuildSequence(self.builder, self.tokenizer, self.seq_len)
+        return BuildSequence(self.builder, self.tokenizer, self.seq_len, pad=not self.pack)
+
+    def _packer(self) -> PackSequences | None:
+        # one packed batch = one loader batch, so a batch boundary is a stream position (exact resume)
+        return PackSequences(self.seq_len, self.batch_size, self.layout.eos_id) if self.pack else None
 
     # -------------------------------------------------------------- dataloaders
     def train_dataloader(self) -> ResumableDataLoader:
@@ -148,6 +163,7 @@ class TextDiffusionDataModule(L.LightningDataModule):
                 seed=self.seed,
                 split_by="shards",
                 flag="--data.train",
+                pack=self._packer(),
             )
             self._train_loader = ResumableDataLoader(
                 stream, self.batch_size, num_workers=self.num_workers, collate_fn=collate_sequences
@@ -170,6 +186,7 @@ class TextDiffusionDataModule(L.LightningDataModule):
             seed=self.seed,
             split_by="samples",
             flag="--data.val",
+            pack=self._packer(),
         )
         return DataLoader(stream, self.batch_size, num_workers=self.num_workers, collate_fn=collate_sequences)
 

@@ -16,6 +16,9 @@ Rows longer than ``L`` are cut to ``L - 1`` tokens plus a final EOS and flagged 
 ``lm_chat`` sample whose prompt leaves no room for a response token and the final EOS is **dropped**
 (:class:`~dllm_zoo.data.stream.SampleDropped`): the stream counts it per batch as ``dropped`` and warns with its
 key, rather than training on an all-prompt row (which has no target) or stopping a long run.
+
+With ``pad=False`` a builder returns the sample's own tokens (no EOS padding) for packing several samples into
+one row (:mod:`dllm_zoo.data.packing`).
 """
 
 from __future__ import annotations
@@ -76,8 +79,10 @@ class SequenceBuilder(ABC):
             KeyError: if a field is missing (the message names the field and the sample key).
         """
 
-    def __call__(self, sample: Mapping[str, Any], tokenizer: TextTokenizer, seq_len: int) -> dict[str, Any]:
-        """Build one row.
+    def build_ids(
+        self, sample: Mapping[str, Any], tokenizer: TextTokenizer, seq_len: int
+    ) -> tuple[list[int], int, bool]:
+        """The unpadded ids of one sample, cut to ``seq_len``.
 
         Args:
             sample: The sample dict (``__key__`` is used in error messages).
@@ -85,9 +90,8 @@ class SequenceBuilder(ABC):
             seq_len: Row length ``L``.
 
         Returns:
-            ``input_ids`` ``[L]`` long, ``attention_mask`` ``[L]`` bool (all True: EOS padding is a target),
-            ``prompt_mask`` ``[L]`` bool (True = prompt, never masked), ``truncated`` bool, and ``answer`` (str)
-            when the sample has the answer field.
+            ``(ids, prompt_len, truncated)``: at most ``seq_len`` ids ending in EOS (a longer sample is cut to
+            ``L - 1`` tokens plus EOS and flagged ``truncated``) and the prompt length.
 
         Raises:
             SampleDropped: if the prompt leaves no room for a response token and the final EOS.
@@ -95,7 +99,6 @@ class SequenceBuilder(ABC):
         """
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (BOS/EOS), got {seq_len}")
-        eos = tokenizer.layout.eos_id
         ids, prompt_len = self.token_ids(sample, tokenizer)
         if prompt_len > seq_len - 2:
             raise SampleDropped(
@@ -104,13 +107,38 @@ class SequenceBuilder(ABC):
             )
         truncated = len(ids) > seq_len
         if truncated:
-            ids = ids[: seq_len - 1] + [eos]
-        input_ids = torch.full((seq_len,), eos, dtype=torch.long)
+            ids = ids[: seq_len - 1] + [tokenizer.layout.eos_id]
+        return ids, prompt_len, truncated
+
+    def __call__(
+        self, sample: Mapping[str, Any], tokenizer: TextTokenizer, seq_len: int, *, pad: bool = True
+    ) -> dict[str, Any]:
+        """Build one row.
+
+        Args:
+            sample: The sample dict (``__key__`` is used in error messages).
+            tokenizer: Text tokenizer; its layout gives BOS/EOS and the chat format.
+            seq_len: Row length ``L``.
+            pad: Pad with EOS to ``L`` (default). ``False`` returns the sample's own ``n <= L`` tokens, for packing
+                (:class:`~dllm_zoo.data.packing.PackSequences`).
+
+        Returns:
+            ``input_ids`` ``[L]`` long, ``attention_mask`` ``[L]`` bool (all True: EOS padding is a target),
+            ``prompt_mask`` ``[L]`` bool (True = prompt, never masked), ``truncated`` bool, and ``answer`` (str)
+            when the sample has the answer field. With ``pad=False`` the tensors are ``[n]``.
+
+        Raises:
+            SampleDropped: if the prompt leaves no room for a response token and the final EOS.
+            KeyError: if a field is missing.
+        """
+        ids, prompt_len, truncated = self.build_ids(sample, tokenizer, seq_len)
+        length = seq_len if pad else len(ids)
+        input_ids = torch.full((length,), tokenizer.layout.eos_id, dtype=torch.long)
         input_ids[: len(ids)] = torch.tensor(ids, dtype=torch.long)
         out: dict[str, Any] = {
             "input_ids": input_ids,
-            "attention_mask": torch.ones(seq_len, dtype=torch.bool),
-            "prompt_mask": torch.arange(seq_len) < prompt_len,
+            "attention_mask": torch.ones(length, dtype=torch.bool),
+            "prompt_mask": torch.arange(length) < prompt_len,
             "truncated": truncated,
         }
         if self.answer_field in sample:
@@ -196,39 +224,44 @@ class BuildSequence:
         builder: The sequence builder.
         tokenizer: The text tokenizer.
         seq_len: Row length ``L``.
+        pad: Pad rows to ``L`` (default); ``False`` keeps each sample's own length, for packing.
     """
 
-    def __init__(self, builder: SequenceBuilder, tokenizer: TextTokenizer, seq_len: int) -> None:
+    def __init__(self, builder: SequenceBuilder, tokenizer: TextTokenizer, seq_len: int, pad: bool = True) -> None:
         self.builder = builder
         self.tokenizer = tokenizer
         self.seq_len = seq_len
+        self.pad = pad
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Build the row of ``sample`` (see :meth:`SequenceBuilder.__call__`)."""
-        return self.builder(sample, self.tokenizer, self.seq_len)
+        return self.builder(sample, self.tokenizer, self.seq_len, pad=self.pad)
 
 
 def collate_sequences(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack built rows into a batch.
+    """Stack built rows into a batch: padded by a :class:`SequenceBuilder`, or packed (``PackSequences``).
 
     Args:
-        items: Rows from a :class:`SequenceBuilder`, optionally carrying the stream's ``__errors__`` and
-            ``__dropped__`` counts.
+        items: Rows, optionally carrying the stream's ``__errors__`` and ``__dropped__`` counts.
 
     Returns:
         ``input_ids`` ``[B, L]`` long, ``attention_mask`` ``[B, L]`` bool, ``prompt_mask`` ``[B, L]`` bool;
         scalar long tensors ``data_errors`` (unreadable records owned by these rows), ``dropped`` (samples
-        dropped by the builder) and ``truncated`` (rows cut to ``L``); and ``answer`` (``list[str]``, ``B``) when
-        every row has one.
+        dropped by the builder) and ``truncated`` (samples cut to ``L``); and ``answer`` (``list[str]``, ``B``) when
+        every row has one. Packed rows add ``segment_ids`` and ``position_ids`` ``[B, L]`` long and carry
+        ``answers`` (``list[list[str]]``: per row, one per packed sample in segment order) instead of ``answer``.
     """
     if not items:
         raise ValueError("cannot collate an empty list of rows")
-    batch: dict[str, Any] = {
-        key: torch.stack([it[key] for it in items]) for key in ("input_ids", "attention_mask", "prompt_mask")
-    }
+    keys = ["input_ids", "attention_mask", "prompt_mask"]
+    keys += [k for k in ("segment_ids", "position_ids") if all(k in it for it in items)]
+    batch: dict[str, Any] = {key: torch.stack([it[key] for it in items]) for key in keys}
     batch["data_errors"] = torch.tensor(sum(int(it.get(ERRORS_KEY, 0)) for it in items), dtype=torch.long)
     batch["dropped"] = torch.tensor(sum(int(it.get(DROPPED_KEY, 0)) for it in items), dtype=torch.long)
-    batch["truncated"] = torch.tensor(sum(bool(it.get("truncated", False)) for it in items), dtype=torch.long)
+    # a padded row holds a bool (one sample), a packed row the count of its truncated samples
+    batch["truncated"] = torch.tensor(sum(int(it.get("truncated", 0)) for it in items), dtype=torch.long)
     if all("answer" in it for it in items):
         batch["answer"] = [str(it["answer"]) for it in items]
+    if all("answers" in it for it in items):
+        batch["answers"] = [[str(a) for a in it["answers"]] for it in items]
     return batch

@@ -47,6 +47,7 @@ from dllm_zoo.data.shards import expand_shards
 
 SplitBy = Literal["shards", "samples"]
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
+Regroup = Callable[[Iterator[dict[str, Any]]], Iterator[dict[str, Any]]]
 
 END = 2**62
 """Stream position meaning "everything consumed" (the owner of trailing events has consumed them too)."""
@@ -215,6 +216,10 @@ class SampleStream(IterableDataset):
         rank: This process's rank; ``None`` reads ``torch.distributed`` (injectable for tests).
         world_size: Number of ranks; ``None`` reads ``torch.distributed``.
         flag: The command-line flag of ``source``, named in error messages.
+        pack: Optional ``Iterator[item] -> Iterator[item]`` applied after ``transform`` in the worker, e.g.
+            :class:`~dllm_zoo.data.packing.PackSequences`. It must keep the ``__errors__``/``__dropped__`` counts
+            and give every output item the ``__next__`` from which a resumed stream rebuilds the following items
+            (for the loader, the last item of each batch matters).
 
     Yields:
         The transformed sample dicts, each with ``__errors__`` (int), ``__dropped__`` (int) and ``__next__``
@@ -241,6 +246,7 @@ class SampleStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         flag: str = "--data.train",
+        pack: Regroup | None = None,
     ) -> None:
         super().__init__()
         if shuffle_buffer < 0:
@@ -252,6 +258,7 @@ class SampleStream(IterableDataset):
         if world_size is not None and rank is not None and not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside [0, world_size={world_size})")
         self.transform = transform
+        self.pack = pack
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -352,7 +359,8 @@ class SampleStream(IterableDataset):
             rng = random.Random(mix_seed(self.seed, epoch, slot, slots, 1))
             buffer = self.shuffle_buffer if self.shuffle else 0
             positions = _shuffled(self._shard_records(epoch, slot, slots), buffer, rng)
-        return _emit(positions, self.transform, skip)
+        items = _emit(positions, self.transform, skip)
+        return items if self.pack is None else self.pack(items)
 
     def _shard_order(self, epoch: int) -> list[str]:
         assert self.urls is not None

@@ -7,6 +7,9 @@ Presets reproduce each paper's choice (research/tracerl_llada.md §5.2, research
   averaged over the batch (``|answer|`` counts the EOS padding).
 * MMaDA t2i (MaskGIT): unweighted mean CE over the masked image tokens.
 * MMaDA-Parallel text: ``1/t`` weighting.
+
+With packed rows (several samples per row, research/tracerl_llada.md §3.2) pass ``sample_ids``: the weights and
+the answer-length normalisation are then per packed sample, and the batch mean is over samples.
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ class LossOutput:
         loss: Scalar training loss.
         ce: Scalar unweighted mean cross-entropy over the masked tokens (comparable across weightings).
         num_masked: Scalar int64 number of masked tokens in the batch.
+        per_sample: With ``answer_length`` normalisation, each row's (each sample's, with ``sample_ids``) term
+            ``Σ w·CE ÷ |answer|``: ``[B]`` (``[S]``; 0 for ids that name no sample); ``None`` otherwise.
     """
 
     loss: Tensor
     ce: Tensor
     num_masked: Tensor
+    per_sample: Tensor | None = None
 
 
 class MaskedDiffusionLoss:
@@ -88,6 +94,7 @@ class MaskedDiffusionLoss:
         p_mask: Tensor | None = None,
         t: Tensor | None = None,
         answer_length: Tensor | None = None,
+        sample_ids: Tensor | None = None,
     ) -> LossOutput:
         """Compute the loss.
 
@@ -99,6 +106,11 @@ class MaskedDiffusionLoss:
             p_mask: ``[B]`` per-row mask probability (needed for ``inverse_p``).
             t: ``[B]`` per-row time (needed for ``inverse_t``).
             answer_length: ``[B]`` per-row count of maskable (answer) tokens (needed for ``answer_length``).
+            sample_ids: Optional ``[B, L]`` long sample index of each position for packed rows
+                (:func:`~dllm_zoo.data.packing.packed_sample_ids`; −1 = no sample). ``p_mask``, ``t`` and
+                ``answer_length`` are then ``[S]``, indexed by it, and ``answer_length`` normalisation averages the
+                per-sample terms over the samples present in ``sample_ids`` (``batch_tokens`` still divides by
+                ``B·L``).
 
         Returns:
             :class:`LossOutput`.
@@ -108,31 +120,56 @@ class MaskedDiffusionLoss:
         if targets.shape != (n,):
             raise ValueError(f"targets must have shape [{n}] to match logits [N, V], got {tuple(targets.shape)}")
         ce = F.cross_entropy(logits.float(), targets, reduction="none")
-        row = torch.arange(b, device=masked.device)[:, None].expand(b, length)[masked]
-        weight = self._row_weight(p_mask, t, b, masked.device)
-        weighted = ce * weight[row] if weight is not None else ce
+        if sample_ids is None:
+            units = b
+            unit = torch.arange(b, device=masked.device)[:, None].expand(b, length)[masked]
+        else:
+            if sample_ids.shape != masked.shape:
+                raise ValueError(f"sample_ids must be [B, L] = {tuple(masked.shape)}, got {tuple(sample_ids.shape)}")
+            units = self._num_units(p_mask, t, answer_length, b * length)
+            unit = sample_ids[masked]
+        weight = self._unit_weight(p_mask, t, units, masked.device)
+        weighted = ce * weight[unit] if weight is not None else ce
         num_masked = masked.sum()
+        per_sample = None
         if self.normalization == "batch_tokens":
             loss = weighted.sum() / (b * length)
         elif self.normalization == "masked_mean":
             loss = weighted.sum() / num_masked.clamp(min=1)
         else:
             if answer_length is None:
-                raise ValueError("normalization='answer_length' needs answer_length [B]")
-            per_row = torch.zeros(b, device=weighted.device, dtype=weighted.dtype).index_add_(0, row, weighted)
-            loss = (per_row / answer_length.to(per_row.dtype).clamp(min=1)).mean()
+                raise ValueError("normalization='answer_length' needs answer_length [B] ([S] with sample_ids)")
+            per_unit = torch.zeros(units, device=weighted.device, dtype=weighted.dtype).index_add_(0, unit, weighted)
+            per_sample = per_unit / answer_length.to(per_unit.dtype).clamp(min=1)
+            if sample_ids is None:
+                loss = per_sample.mean()
+            else:  # mean over the samples that occur, without a host sync to count them
+                flat = sample_ids.flatten()
+                occurs = torch.zeros(units, device=flat.device).index_add_(0, flat.clamp(min=0), (flat >= 0).float())
+                present = (occurs > 0).to(per_sample.dtype)
+                loss = (per_sample * present).sum() / present.sum().clamp(min=1)
         ce_mean = ce.sum() / num_masked.clamp(min=1)
-        return LossOutput(loss=loss, ce=ce_mean.detach(), num_masked=num_masked)
+        return LossOutput(loss=loss, ce=ce_mean.detach(), num_masked=num_masked, per_sample=per_sample)
 
-    def _row_weight(self, p_mask: Tensor | None, t: Tensor | None, b: int, device: torch.device) -> Tensor | None:
+    @staticmethod
+    def _num_units(p_mask: Tensor | None, t: Tensor | None, answer_length: Tensor | None, default: int) -> int:
+        """``S``: the length shared by the per-sample tensors given (``B·L`` if none is)."""
+        sizes = {int(x.shape[0]) for x in (p_mask, t, answer_length) if x is not None}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"p_mask, t and answer_length must all be [S] with sample_ids, got lengths {sorted(sizes)}"
+            )
+        return sizes.pop() if sizes else default
+
+    def _unit_weight(self, p_mask: Tensor | None, t: Tensor | None, units: int, device: torch.device) -> Tensor | None:
         if self.weighting == "none":
             return None
         value = p_mask if self.weighting == "inverse_p" else t
         if value is None:
             needed = "p_mask" if self.weighting == "inverse_p" else "t"
             raise ValueError(f"weighting={self.weighting!r} needs `{needed}` [B]")
-        if value.shape != (b,):
-            raise ValueError(f"per-row weights must have shape [{b}], got {tuple(value.shape)}")
+        if value.shape != (units,):
+            raise ValueError(f"per-row (per-sample) weights must have shape [{units}], got {tuple(value.shape)}")
         return 1.0 / value.to(device=device, dtype=torch.float32)
 
     def __repr__(self) -> str:

@@ -1,11 +1,14 @@
 """Samplers for masked-diffusion LMs and their swappable policies (DESIGN.md §3 "Samplers")."""
 
 from dllm_zoo.samplers.base import Sampler, SamplerOutput
+from dllm_zoo.samplers.block import BlockSampler
 from dllm_zoo.samplers.confidence import Confidence, LowConfidence, Margin, NegEntropy, RandomConfidence
 from dllm_zoo.samplers.likelihood import elbo_log_likelihood, stratified_mask_counts
+from dllm_zoo.samplers.sampling import filter_logits, sample_tokens
 from dllm_zoo.samplers.semi_ar import LLaDASampler, add_gumbel_noise
 from dllm_zoo.samplers.transfer import (
     Dynamic,
+    EntropyBounded,
     Factor,
     StaticQuota,
     Threshold,
@@ -15,6 +18,10 @@ from dllm_zoo.samplers.transfer import (
 )
 
 __all__ = [
+    "BlockSampler",
+    "EntropyBounded",
+    "filter_logits",
+    "sample_tokens",
     "Confidence",
     "Dynamic",
     "Factor",

@@ -7,6 +7,8 @@
 * :class:`Factor` — Fast-dLLM's "factor" rule: the largest ``n`` with ``(n + 1)·(1 − c_(n)) < factor``.
 * :class:`Dynamic` — dLLM-RL's dynamic decoding: all candidates with confidence ``> threshold`` when they are at
   least the static quota, else the top-quota.
+* :class:`EntropyBounded` — SDAR / JetEngine ``entropy_bounded``: the lowest-entropy candidates while their summed
+  entropy stays below a bound, at least one.
 
 Every rule is a pure, batched function of ``[B, K]`` tensors (no per-row Python loop, no host sync). Rules with
 ``adaptive = True`` reveal a data-dependent number of tokens; the sampler then runs steps until the block is
@@ -185,3 +187,33 @@ class Dynamic(TransferRule):
         high = candidates & (confidence > self.threshold)
         enough = high.sum(-1) >= floor
         return torch.where(enough.unsqueeze(-1), high, top_k_mask(confidence, candidates, floor))
+
+
+class EntropyBounded(TransferRule):
+    """SDAR / JetEngine entropy-bounded decoding: reveal low-entropy candidates while their entropies sum below a bound.
+
+    Candidates are ordered by entropy (ascending); with ``S_n`` the sum of the ``n`` lowest entropies, the rule
+    reveals ``n = #{n : S_n < eb_threshold}`` of them (``searchsorted`` of the cumulative sum, research/
+    tracerl_llada.md §3.5), at least one. Pair it with :class:`~dllm_zoo.samplers.confidence.NegEntropy`
+    scores: the entropy of a position is minus its score.
+
+    Args:
+        eb_threshold: Entropy budget per step (JetEngine default 0.35 nats).
+    """
+
+    adaptive = True
+
+    def __init__(self, eb_threshold: float = 0.35) -> None:
+        if eb_threshold < 0:
+            raise ValueError(f"eb_threshold must be >= 0, got {eb_threshold}")
+        self.eb_threshold = eb_threshold
+
+    def select(self, confidence: Tensor, candidates: Tensor, quota: Tensor) -> Tensor:
+        """See :meth:`TransferRule.select`; ``confidence`` must be negative entropies."""
+        ranks = confidence_ranks(confidence, candidates)
+        entropy = torch.where(candidates, -confidence, torch.zeros_like(confidence))
+        sorted_entropy = torch.empty_like(entropy).scatter_(-1, ranks, entropy)
+        sorted_cand = torch.zeros_like(candidates).scatter_(-1, ranks, candidates)
+        under = (sorted_entropy.cumsum(-1) < self.eb_threshold) & sorted_cand
+        count = under.sum(-1).clamp(min=1)
+        return (ranks < count.unsqueeze(-1)) & candidates

@@ -20,8 +20,8 @@ class NoisedBatch:
     Attributes:
         noisy: ``[B, L]`` tokens with the masked positions replaced by the mask id.
         masked: ``[B, L]`` bool, True where a token was masked (always a subset of the maskable positions).
-        t: ``[B]`` float32 diffusion time of each row.
-        p_mask: ``[B]`` float32 masking probability of each row, ``mask_prob(t)``.
+        t: ``[B]`` float32 diffusion time of each row (``[S]``, one per sample, when noised with ``sample_ids``).
+        p_mask: ``[B]`` float32 masking probability of each row, ``mask_prob(t)`` (``[S]`` with ``sample_ids``).
     """
 
     noisy: Tensor
@@ -68,6 +68,7 @@ class NoiseSchedule(ABC):
         t: Tensor | None = None,
         generator: torch.Generator | None = None,
         at_least_one: bool = False,
+        sample_ids: Tensor | None = None,
     ) -> NoisedBatch:
         """Corrupt ``tokens``: each maskable position is masked i.i.d. with probability ``mask_prob(t)``.
 
@@ -75,13 +76,19 @@ class NoiseSchedule(ABC):
             tokens: ``[B, L]`` clean token ids.
             maskable: ``[B, L]`` bool, positions that may be masked (not prompt, not padding).
             mask_id: Id written at masked positions (the layout's ``mask_id``).
-            t: ``[B]`` times; drawn with :meth:`sample_t` when omitted.
+            t: ``[B]`` times (``[S]`` with ``sample_ids``); drawn with :meth:`sample_t` when omitted.
             generator: Random source (the training stage keeps one in its checkpoint for exact resume).
-            at_least_one: Force one masked position in every row that has a maskable one (SDAR SFT).
+            at_least_one: Force one masked position in every row (sample) that has a maskable one (SDAR SFT).
+            sample_ids: Optional ``[B, L]`` long index of the sample each position belongs to, for packed rows
+                (:func:`~dllm_zoo.data.packing.packed_sample_ids`): values in ``[0, S)``, −1 where there is no
+                sample (never masked). Each sample then has its own ``t``; drawn for ``S = B·L`` slots when ``t``
+                is omitted, so no host sync is needed to count samples.
 
         Returns:
             A :class:`NoisedBatch`.
         """
+        if sample_ids is not None:
+            return self._add_noise_per_sample(tokens, maskable, mask_id, sample_ids, t, generator, at_least_one)
         b = tokens.shape[0]
         if t is None:
             t = self.sample_t(b, generator=generator, device=tokens.device)
@@ -93,6 +100,32 @@ class NoiseSchedule(ABC):
         noisy = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
         return NoisedBatch(noisy=noisy, masked=masked, t=t, p_mask=p)
 
+    def _add_noise_per_sample(
+        self,
+        tokens: Tensor,
+        maskable: Tensor,
+        mask_id: int,
+        sample_ids: Tensor,
+        t: Tensor | None,
+        generator: torch.Generator | None,
+        at_least_one: bool,
+    ) -> NoisedBatch:
+        """:meth:`add_noise` with one time per packed sample. Shapes ``[B, L]``; ``t`` ``[S]``."""
+        if sample_ids.shape != tokens.shape:
+            raise ValueError(f"sample_ids must be [B, L] = {tuple(tokens.shape)}, got {tuple(sample_ids.shape)}")
+        if t is None:
+            t = self.sample_t(tokens.numel(), generator=generator, device=tokens.device)
+        p = self.mask_prob(t).to(torch.float32)
+        in_sample = sample_ids >= 0
+        ids = sample_ids.clamp(min=0)
+        u = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+        maskable = maskable & in_sample
+        masked = (u < p[ids]) & maskable
+        if at_least_one:
+            masked = _force_one_per_sample(masked, maskable, u, ids, p.shape[0])
+        noisy = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
+        return NoisedBatch(noisy=noisy, masked=masked, t=t, p_mask=p)
+
 
 def _force_one(masked: Tensor, maskable: Tensor, u: Tensor) -> Tensor:
     """Mask the maskable position with the smallest draw in rows where nothing got masked. Shapes ``[B, L]``."""
@@ -101,6 +134,16 @@ def _force_one(masked: Tensor, maskable: Tensor, u: Tensor) -> Tensor:
     extra = torch.zeros_like(masked)
     extra[torch.arange(masked.shape[0], device=masked.device), pick] = True
     return masked | (extra & empty[:, None])
+
+
+def _force_one_per_sample(masked: Tensor, maskable: Tensor, u: Tensor, ids: Tensor, num_samples: int) -> Tensor:
+    """:func:`_force_one` per sample: ``ids`` ``[B, L]`` (clamped, in ``[0, S)``), the others ``[B, L]``."""
+    flat = ids.flatten()
+    draws = torch.where(maskable, u, torch.full_like(u, 2.0)).flatten()
+    lowest = torch.full((num_samples,), 2.0, device=u.device).scatter_reduce(0, flat, draws, reduce="amin")
+    hits = torch.zeros(num_samples, dtype=torch.long, device=u.device).index_add_(0, flat, masked.flatten().long())
+    pick = maskable & (u == lowest[ids]) & (hits[ids] == 0)
+    return masked | pick
 
 
 def rank_mask(maskable: Tensor, n_mask: Tensor, *, generator: torch.Generator | None = None) -> Tensor:

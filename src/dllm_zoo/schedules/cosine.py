@@ -39,8 +39,17 @@ class CosineSchedule(NoiseSchedule):
         t: Tensor | None = None,
         generator: torch.Generator | None = None,
         at_least_one: bool = True,
+        sample_ids: Tensor | None = None,
     ) -> NoisedBatch:
-        """Mask an exact, cosine-scheduled count per row (at least one: MaskGIT's ``max(1, ·)``). Shapes ``[B, L]``."""
+        """Mask an exact, cosine-scheduled count per row (at least one: MaskGIT's ``max(1, ·)``). Shapes ``[B, L]``.
+
+        Packed rows (``sample_ids``) are not supported: the count is per row.
+        """
+        if sample_ids is not None:
+            raise ValueError(
+                "CosineSchedule masks an exact count per row and does not support packed rows (sample_ids); "
+                "turn packing off (--data.pack false) or use LinearSchedule"
+            )
         if t is None:
             t = self.sample_t(tokens.shape[0], generator=generator, device=tokens.device)
         p = self.mask_prob(t).to(torch.float32)

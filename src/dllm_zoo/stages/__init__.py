@@ -1,7 +1,8 @@
 """Training stages (LightningModules)."""
 
 from dllm_zoo.stages.base import DiffusionStage
+from dllm_zoo.stages.block_sft import BlockDiffusionSFT
 from dllm_zoo.stages.optim import OptimConfig
 from dllm_zoo.stages.pretrain import MaskedDiffusionPretraining
 
-__all__ = ["DiffusionStage", "MaskedDiffusionPretraining", "OptimConfig"]
+__all__ = ["BlockDiffusionSFT", "DiffusionStage", "MaskedDiffusionPretraining", "OptimConfig"]

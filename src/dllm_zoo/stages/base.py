@@ -7,8 +7,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
 
 from dllm_zoo.backbones.base import Backbone
+from dllm_zoo.data.packing import packed_sample_ids
+from dllm_zoo.losses.masked_diffusion import LossOutput
+from dllm_zoo.schedules.base import NoisedBatch, NoiseSchedule
 from dllm_zoo.stages.optim import OptimConfig, build_optimizer
 from dllm_zoo.tokenizers.layout import TokenLayout
 
@@ -87,6 +91,73 @@ class DiffusionStage(L.LightningModule):
         gen = torch.Generator(device=self.device)
         gen.manual_seed(key)
         return gen
+
+    # ------------------------------------------------------------- corruption
+    def corrupt(
+        self,
+        batch: dict[str, Any],
+        schedule: NoiseSchedule,
+        generator: torch.Generator | None = None,
+        at_least_one: bool = False,
+    ) -> NoisedBatch:
+        """Mask the answer tokens of ``batch`` (not the prompt, not padding), one ``t`` per sample.
+
+        A sample is a row, or a packed segment when the batch has ``segment_ids`` (then ``t``/``p_mask`` are
+        ``[B·L]`` indexed by :func:`~dllm_zoo.data.packing.packed_sample_ids`).
+        """
+        maskable = batch["attention_mask"] & ~batch["prompt_mask"]
+        segments = batch.get("segment_ids")
+        return schedule.add_noise(
+            batch["input_ids"],
+            maskable,
+            self.layout.mask_id,
+            generator=generator,
+            at_least_one=at_least_one,
+            sample_ids=None if segments is None else packed_sample_ids(segments),
+        )
+
+    @staticmethod
+    def answer_lengths(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """Answer (maskable) tokens per sample and the sample ids of packed rows.
+
+        Returns:
+            ``(answer_length, sample_ids)``: ``[B]`` and ``None`` for unpacked rows; ``[B·L]`` (indexed by sample
+            id) and ``[B, L]`` for packed rows.
+        """
+        maskable = batch["attention_mask"] & ~batch["prompt_mask"]
+        segments: Tensor | None = batch.get("segment_ids")
+        if segments is None:
+            return maskable.sum(dim=1), None
+        sample_ids = packed_sample_ids(segments)
+        total = maskable.numel()
+        length = torch.zeros(total, dtype=torch.long, device=maskable.device).index_add_(
+            0, sample_ids.clamp(min=0).flatten(), maskable.flatten().long()
+        )
+        return length, sample_ids
+
+    # ------------------------------------------------------------------ steps
+    def forward_loss(self, batch: dict[str, Any], batch_idx: int, stream: int = 0, per_step: bool = True) -> LossOutput:
+        """Corrupt ``batch`` with :meth:`step_generator` and compute the stage's loss (training and validation)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_loss")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """One optimisation step; logs ``train/loss``, ``train/ce``, masked-token count and data counters."""
+        out = self.forward_loss(batch, batch_idx)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("train/ce", out.ce, batch_size=bs)
+        self.log("train/masked_tokens", out.num_masked.float(), batch_size=bs)
+        for key in ("data_errors", "dropped", "truncated"):
+            if key in batch:
+                self.log(f"data/{key}", batch[key].float(), reduce_fx="sum", batch_size=bs)
+        return out.loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Loss on held-out data with masks that depend only on ``batch_idx`` (comparable across runs)."""
+        out = self.forward_loss(batch, batch_idx, stream=1, per_step=False)
+        bs = batch["input_ids"].shape[0]
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("val/ce", out.ce, batch_size=bs)
 
     # ------------------------------------------------------------- optimizers
     def configure_optimizers(self) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 from jsonargparse import lazy_instance
 from torch import Tensor
 
+from dllm_zoo.backbones.attention import packed_mask
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.backbones.llada import LLaDABackbone
 from dllm_zoo.losses.masked_diffusion import LossOutput, MaskedDiffusionLoss
@@ -52,14 +53,20 @@ class MaskedDiffusionPretraining(DiffusionStage):
         self.hparams["optim"] = dataclasses.asdict(optim)
 
     def forward_loss(self, batch: dict[str, Any], batch_idx: int, stream: int = 0, per_step: bool = True) -> LossOutput:
-        """Corrupt ``batch`` and compute the loss (shared by training and validation)."""
+        """Corrupt ``batch`` and compute the loss (shared by training and validation).
+
+        Packed rows (``segment_ids``/``position_ids`` in the batch) get one ``t`` per sample, attention only inside
+        each sample and positions restarting at 0 per sample.
+        """
         ids: Tensor = batch["input_ids"]
         attention: Tensor = batch["attention_mask"]
-        maskable = attention & ~batch["prompt_mask"]
-        noised = self.schedule.add_noise(
-            ids, maskable, self.layout.mask_id, generator=self.step_generator(batch_idx, stream, per_step)
+        noised = self.corrupt(batch, self.schedule, self.step_generator(batch_idx, stream, per_step))
+        answer_length, sample_ids = self.answer_lengths(batch)
+        segments = batch.get("segment_ids")
+        mask = attention if segments is None else packed_mask(segments, attention)
+        out = self.net(
+            noised.noisy, attention_mask=mask, position_ids=batch.get("position_ids"), logits_at=noised.masked
         )
-        out = self.net(noised.noisy, attention_mask=attention, logits_at=noised.masked)
         assert out.logits is not None
         return self.loss_fn(
             out.logits,
@@ -67,24 +74,6 @@ class MaskedDiffusionPretraining(DiffusionStage):
             noised.masked,
             p_mask=noised.p_mask,
             t=noised.t,
-            answer_length=maskable.sum(dim=1),
+            answer_length=answer_length,
+            sample_ids=sample_ids,
         )
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """One optimisation step; logs ``train/loss``, ``train/ce``, masked-token count and data counters."""
-        out = self.forward_loss(batch, batch_idx)
-        bs = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
-        self.log("train/ce", out.ce, batch_size=bs)
-        self.log("train/masked_tokens", out.num_masked.float(), batch_size=bs)
-        for key in ("data_errors", "dropped", "truncated"):
-            if key in batch:
-                self.log(f"data/{key}", batch[key].float(), reduce_fx="sum", batch_size=bs)
-        return out.loss
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Loss on held-out data with masks that depend only on ``batch_idx`` (comparable across runs)."""
-        out = self.forward_loss(batch, batch_idx, stream=1, per_step=False)
-        bs = batch["input_ids"].shape[0]
-        self.log("val/loss", out.loss, prog_bar=True, batch_size=bs)
-        self.log("val/ce", out.ce, batch_size=bs)
