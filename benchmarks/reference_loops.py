@@ -8,6 +8,10 @@
   cache, then forwards over the current block only; per step the top-1 masked position of the block plus
   every other one whose float64 softmax confidence is >= the threshold.
 
+* :func:`block_diffusion_generate` — the SDAR / dLLM-RL block-diffusion loop (research/tracerl_llada.md §3.5) on a
+  transformers model with an HF ``DynamicCache`` (``tests/samplers/sdar_reference.py``); :func:`qwen3_twin` gives
+  the transformers Qwen3 model with an SDAR backbone's weights.
+
 They are deliberately literal (per-row Python loops, no padding support); our samplers must match or beat
 them on the same weights.
 """
@@ -23,6 +27,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "samplers"))
 
 from llada_reference import reference_generate  # noqa: E402
+from sdar_reference import block_diffusion_generate, qwen3_twin  # noqa: E402,F401  (re-exported)
 
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.backbones.cache import KVCache

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.data.packing import packed_sample_ids
-from dllm_zoo.losses.masked_diffusion import LossOutput
+from dllm_zoo.losses.masked_diffusion import LossOutput, MaskedDiffusionLoss
 from dllm_zoo.schedules.base import NoisedBatch, NoiseSchedule
 from dllm_zoo.stages.optim import OptimConfig, build_optimizer
 from dllm_zoo.tokenizers.layout import TokenLayout
@@ -34,6 +34,8 @@ class DiffusionStage(L.LightningModule):
         optim: Optimizer and learning-rate schedule.
         seed: Seed of the per-step random source.
     """
+
+    loss_fn: MaskedDiffusionLoss
 
     def __init__(self, backbone: BackboneFactory | Backbone, optim: OptimConfig, seed: int) -> None:
         super().__init__()
@@ -134,6 +136,19 @@ class DiffusionStage(L.LightningModule):
             0, sample_ids.clamp(min=0).flatten(), maskable.flatten().long()
         )
         return length, sample_ids
+
+    def masked_loss(self, logits: Tensor, batch: dict[str, Any], noised: NoisedBatch) -> LossOutput:
+        """``self.loss_fn`` over the masked positions of ``noised`` (logits ``[N, V]`` in row-major mask order)."""
+        answer_length, sample_ids = self.answer_lengths(batch)
+        return self.loss_fn(
+            logits,
+            batch["input_ids"][noised.masked],
+            noised.masked,
+            p_mask=noised.p_mask,
+            t=noised.t,
+            answer_length=answer_length,
+            sample_ids=sample_ids,
+        )
 
     # ------------------------------------------------------------------ steps
     def forward_loss(self, batch: dict[str, Any], batch_idx: int, stream: int = 0, per_step: bool = True) -> LossOutput:

@@ -103,16 +103,7 @@ class BlockDiffusionSFT(DiffusionStage):
             logits_at=torch.cat([noised.masked, clean_half], dim=1),  # masked x_t positions only
         )
         assert out.logits is not None
-        answer_length, sample_ids = self.answer_lengths(batch)
-        return self.loss_fn(
-            out.logits,
-            ids[noised.masked],
-            noised.masked,
-            p_mask=noised.p_mask,
-            t=noised.t,
-            answer_length=answer_length,
-            sample_ids=sample_ids,
-        )
+        return self.masked_loss(out.logits, batch, noised)
 
     def forward_loss(self, batch: dict[str, Any], batch_idx: int, stream: int = 0, per_step: bool = True) -> LossOutput:
         """Corrupt ``batch`` with the step's random source (at least one mask per sample) and compute the loss."""

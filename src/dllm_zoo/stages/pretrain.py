@@ -58,22 +58,12 @@ class MaskedDiffusionPretraining(DiffusionStage):
         Packed rows (``segment_ids``/``position_ids`` in the batch) get one ``t`` per sample, attention only inside
         each sample and positions restarting at 0 per sample.
         """
-        ids: Tensor = batch["input_ids"]
         attention: Tensor = batch["attention_mask"]
         noised = self.corrupt(batch, self.schedule, self.step_generator(batch_idx, stream, per_step))
-        answer_length, sample_ids = self.answer_lengths(batch)
         segments = batch.get("segment_ids")
         mask = attention if segments is None else packed_mask(segments, attention)
         out = self.net(
             noised.noisy, attention_mask=mask, position_ids=batch.get("position_ids"), logits_at=noised.masked
         )
         assert out.logits is not None
-        return self.loss_fn(
-            out.logits,
-            ids[noised.masked],
-            noised.masked,
-            p_mask=noised.p_mask,
-            t=noised.t,
-            answer_length=answer_length,
-            sample_ids=sample_ids,
-        )
+        return self.masked_loss(out.logits, batch, noised)
