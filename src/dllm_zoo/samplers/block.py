@@ -7,11 +7,16 @@ Fast-dLLM caches of full-attention models). The loop (research/tracerl_llada.md 
 1. The canvas is the prompt followed by masks up to a multiple of ``block_length`` (``ceil((p + G)/B)·B``
    positions); blocks sit on the absolute grid from position 0, so the prompt's last ``p mod B`` tokens share
    the first generated block.
-2. Prefill: one forward over the ``⌊p/B⌋·B`` full prompt blocks stores their K/V.
+2. Prefill: the ``⌊p/B⌋·B`` tokens of full prompt blocks are run once and their K/V cached.
 3. Per block: up to ``denoising_steps`` forwards of the active block alone (attending to the cache); each step
    samples every masked position (temperature → top-k → softmax → top-p, or argmax at temperature 0), scores it
    with the ``confidence`` policy and reveals what the ``transfer`` rule selects; the static quota of step ``i`` is
-   ``B // steps + (i < B % steps)``. When the block has no mask left, one more forward stores its clean K/V.
+   ``B // steps + (i < B % steps)``. Once the block has no mask left its clean K/V are cached.
+
+The reference spends one forward on the prefill and one per block on storing the clean block. Here both ride along
+with the next block's first step: one forward over ``[clean, not yet cached | active block]`` returns the active
+block's logits and the clean columns' K/V (same attention, so the same numbers), saving ``1 + #blocks − 1``
+forwards per call (``steps`` instead of ``steps + 1`` per block).
 4. A row stops after a block that contains one of ``stop_token_ids``; its later positions are padding.
 
 Strategy names of the references map to policy pairs: ``low_confidence_static`` = (:class:`LowConfidence`,
@@ -200,23 +205,25 @@ class BlockSampler(Sampler):
         nfe = iteration = 0
 
         ctx: KVCache | None = None
-        if self.use_cache and f_max > 0:
-            ctx = self._store(model, canvas[:, :f_max], positions[:, :f_max], keys_real[:, :f_max], None, blk)
-            nfe += 1
-
+        cached_to = 0  # canvas columns [0, cached_to) have their K/V in ctx; [cached_to, s) are clean, not yet cached
         ran = torch.zeros(b, dtype=torch.long, device=device)  # blocks each row has decoded
         for j in range(n_blocks):
             s, e = f_max + j * blk, f_max + (j + 1) * blk
             alive = alive & (j < nblk)
             ran = ran + alive.long()
-            window_pos = positions[:, s:e]
             iters = self._iterations(canvas[:, s:e] == mask_id, alive, plan)
             for i in range(iters):
                 masked = (canvas[:, s:e] == mask_id) & alive[:, None]  # [B, K]
                 if adaptive and not bool(masked.any()):  # one sync per step only for data-dependent rules
                     break
                 if self.use_cache:
-                    logits = self._window_logits(model, canvas[:, s:e], window_pos, keys_real[:, s:e], ctx, blk)
+                    # The clean columns not cached yet (the prompt's full blocks, the block just finished) ride
+                    # along with this step's forward: no separate "store" forward as in the reference.
+                    c = cached_to
+                    logits, new = self._window(model, canvas[:, c:e], positions[:, c:e], keys_real[:, c:e], ctx, blk)
+                    if c < s:
+                        ctx = new if ctx is None else KVCache.cat([ctx, new])
+                        cached_to = s
                 else:
                     logits = self._uncached_logits(model, canvas[:, :e], positions[:, :e], keys_real[:, :e], s, blk)
                 nfe += 1
@@ -235,12 +242,8 @@ class BlockSampler(Sampler):
             block = canvas[:, s:e]
             stopped = ((block[:, :, None] == stop_ids).any(dim=2) & generated[:, s:e]).any(dim=1)
             alive = alive & ~stopped
-            if j + 1 == n_blocks or not bool(alive.any()):
+            if j + 1 == n_blocks or not bool((alive & (j + 1 < nblk)).any()):
                 break
-            if self.use_cache:
-                new = self._store(model, block, window_pos, keys_real[:, s:e], ctx, blk)
-                nfe += 1
-                ctx = new if ctx is None else KVCache.cat([ctx, new])
 
         # Positions of blocks a row never decoded (it stopped before them) are not generated.
         decoded = col[None, :] < (f_max + ran * blk)[:, None]
@@ -271,14 +274,29 @@ class BlockSampler(Sampler):
         return int(steps.max())
 
     @staticmethod
-    def _window_logits(
+    def _window(
         model: Backbone, ids: Tensor, pos: Tensor, keys_real: Tensor, ctx: KVCache | None, blk: int
-    ) -> Tensor:
-        """Logits ``[B, K, V]`` of the active block, attending to the cached earlier blocks."""
-        # The window is one block of the sampler's grid: bidirectional inside, whatever the model's block_size.
-        out = model(ids, attention_mask=block_causal_mask(pos, blk, keys_real), position_ids=pos, cache=ctx)
+    ) -> tuple[Tensor, KVCache]:
+        """One cached step: logits of the active block and the K/V of the clean columns before it.
+
+        ``ids`` ``[B, C + K]`` = clean columns not cached yet (``C`` >= 0, whole blocks) followed by the active block;
+        the window attends to ``ctx`` and block-causally on the sampler's own grid inside (bidirectional within the
+        active block, whatever the model's ``block_size``).
+
+        Returns:
+            ``(logits [B, K, V], cache of the C clean columns)``; ``ctx`` itself (unused) when ``C`` = 0.
+        """
+        k = blk
+        width = ids.shape[1]
+        at = torch.arange(width - k, width, device=ids.device).expand(ids.shape[0], k)
+        mask = block_causal_mask(pos, blk, keys_real)
+        out = model(ids, attention_mask=mask, position_ids=pos, cache=ctx, logits_at=at, return_cache=width > k)
         assert out.logits is not None
-        return out.logits
+        if width == k:
+            return out.logits, ctx  # type: ignore[return-value]
+        assert out.cache is not None
+        clean = out.cache.select(slice(0, width - k))
+        return out.logits, dataclasses.replace(clean, key_mask=keys_real[:, : width - k])
 
     @staticmethod
     def _uncached_logits(model: Backbone, ids: Tensor, pos: Tensor, keys_real: Tensor, s: int, blk: int) -> Tensor:
@@ -287,14 +305,6 @@ class BlockSampler(Sampler):
         out = model(ids, attention_mask=block_causal_mask(pos, blk, keys_real), position_ids=pos, logits_at=at)
         assert out.logits is not None
         return out.logits
-
-    @staticmethod
-    def _store(model: Backbone, ids: Tensor, pos: Tensor, keys_real: Tensor, ctx: KVCache | None, blk: int) -> KVCache:
-        """K/V of clean blocks ``ids`` (the prefill, or one finished block on top of ``ctx``)."""
-        mask = block_causal_mask(pos, blk, keys_real)  # the sampler's grid, not the model's block_size
-        out = model(ids, attention_mask=mask, position_ids=pos, cache=ctx, return_cache=True, return_logits=False)
-        assert out.cache is not None
-        return dataclasses.replace(out.cache, key_mask=keys_real)
 
     def _gather(
         self,
