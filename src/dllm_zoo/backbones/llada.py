@@ -41,6 +41,7 @@ from dllm_zoo.backbones.transformer import (
     TransformerConfig,
     attend,
     check_layout,
+    gather_rows,
     infer_layout,
     layout_from_json,
     layout_to_json,
@@ -363,6 +364,7 @@ class LLaDABlock(nn.Module):
         attn_mask: Tensor | None,
         context: tuple[Tensor, Tensor] | None = None,
         kv_out: list[tuple[Tensor, Tensor]] | None = None,
+        queries: Tensor | None = None,
     ) -> Tensor:
         """One block.
 
@@ -376,16 +378,19 @@ class LLaDABlock(nn.Module):
                 queries attend to in addition to their own keys.
             kv_out: When given, this block's own ``(keys, values)`` ``[B, H_kv, L, head_dim]`` (keys after RoPE;
                 transposed views of ``[B, L, H_kv, head_dim]`` memory) are appended to it.
+            queries: ``[B, K]`` positions whose output is wanted (the last block under ``logits_at``); ``None`` = all.
 
         Returns:
-            ``[B, L, D]``.
+            ``[B, L, D]`` (``[B, K, D]`` with ``queries``).
         """
         b, seq, _ = x.shape
         n = self.attn_norm(x)
-        q = self.q_proj(n).view(b, seq, self.n_heads, self.head_dim)
+        if queries is not None:  # only these positions' outputs are needed (keys/values still from all)
+            x = gather_rows(x, queries)
+        q = self.q_proj(n if queries is None else gather_rows(n, queries)).view(b, -1, self.n_heads, self.head_dim)
         k = self.k_proj(n).view(b, seq, self.n_kv_heads, self.head_dim)
         v = self.v_proj(n).view(b, seq, self.n_kv_heads, self.head_dim)
-        h = x + self.attn_out(attend(q, k, v, cos, sin, attn_mask, context, kv_out))
+        h = x + self.attn_out(attend(q, k, v, cos, sin, attn_mask, context, kv_out, queries))
         return h + swiglu(self.ff_norm(h), self.ff_proj, self.up_proj, self.ff_out)
 
 

@@ -43,6 +43,7 @@ from dllm_zoo.backbones.transformer import (
     TransformerBackbone,
     TransformerConfig,
     attend,
+    gather_rows,
     layout_to_json,
 )
 from dllm_zoo.tokenizers.layout import TokenLayout
@@ -357,13 +358,15 @@ class SDARAttention(nn.Module):
         attn_mask: Tensor | None,
         context: tuple[Tensor, Tensor] | None = None,
         kv_out: list[tuple[Tensor, Tensor]] | None = None,
+        queries: Tensor | None = None,
     ) -> Tensor:
-        """Attention of the normalised stream ``x`` ``[B, L, D]`` -> ``[B, L, D]`` (arguments as in :func:`attend`)."""
+        """Attention of the normalised stream ``x`` ``[B, L, D]`` -> ``[B, L or K, D]`` (arguments: :func:`attend`)."""
         b, seq, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, seq, self.n_heads, self.head_dim))
+        xq = x if queries is None else gather_rows(x, queries)
+        q = self.q_norm(self.q_proj(xq).view(b, -1, self.n_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, seq, self.n_kv_heads, self.head_dim))
         v = self.v_proj(x).view(b, seq, self.n_kv_heads, self.head_dim)
-        return self.o_proj(attend(q, k, v, cos, sin, attn_mask, context, kv_out))
+        return self.o_proj(attend(q, k, v, cos, sin, attn_mask, context, kv_out, queries))
 
 
 class SDARDecoderLayer(nn.Module):
@@ -388,8 +391,9 @@ class SDARDecoderLayer(nn.Module):
         attn_mask: Tensor | None,
         context: tuple[Tensor, Tensor] | None = None,
         kv_out: list[tuple[Tensor, Tensor]] | None = None,
+        queries: Tensor | None = None,
     ) -> Tensor:
-        """One layer on the residual stream ``x`` ``[B, L, D]`` -> ``[B, L, D]``.
+        """One layer on the residual stream ``x`` ``[B, L, D]`` -> ``[B, L, D]`` (``[B, K, D]`` with ``queries``).
 
         Args:
             x: Residual stream ``[B, L, D]``.
@@ -400,8 +404,10 @@ class SDARDecoderLayer(nn.Module):
             context: Cached ``(keys, values)``, each ``[B, H_kv, S, head_dim]`` (keys after RoPE).
             kv_out: When given, this layer's own post-RoPE ``(keys, values)`` ``[B, H_kv, L, head_dim]`` are
                 appended to it.
+            queries: ``[B, K]`` positions whose output is wanted (the last layer under ``logits_at``); ``None`` = all.
         """
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, context, kv_out)
+        residual = x if queries is None else gather_rows(x, queries)
+        h = residual + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, context, kv_out, queries)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

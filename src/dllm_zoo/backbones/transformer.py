@@ -218,6 +218,7 @@ def attend(
     attn_mask: Tensor | None,
     context: tuple[Tensor, Tensor] | None = None,
     kv_out: list[tuple[Tensor, Tensor]] | None = None,
+    queries: Tensor | None = None,
 ) -> Tensor:
     """Attention core of every block: RoPE, optional cached context keys, SDPA (never causal), GQA.
 
@@ -233,13 +234,21 @@ def attend(
             queries attend to in addition to their own keys.
         kv_out: When given, this call's own ``(keys, values)`` ``[B, H_kv, L, head_dim]`` (keys after RoPE;
             transposed views of ``[B, L, H_kv, head_dim]`` memory) are appended to it.
+        queries: ``[B, K]`` positions (among the ``L``) that ``q`` holds, ``[B, K, H, head_dim]``; only those
+            queries are computed (a last layer whose output is needed at a few positions). ``None``: all ``L``.
 
     Returns:
-        ``[B, L, H * head_dim]``, ready for the output projection.
+        ``[B, L, H * head_dim]`` (``[B, K, …]`` with ``queries``), ready for the output projection.
     """
     b, seq, heads, hd = q.shape
+    cos_q, sin_q = cos, sin
+    if queries is not None:
+        cos_q, sin_q = _rows(cos, queries), _rows(sin, queries)
+        if attn_mask is not None and attn_mask.shape[2] != 1:  # one mask row per query: keep the chosen ones
+            full = attn_mask.expand(b, -1, -1, -1)
+            attn_mask = torch.gather(full, 2, queries[:, None, :, None].expand(b, full.shape[1], -1, full.shape[3]))
     # RoPE on the [B, L, H, hd] projection layout, then a free transpose to SDPA's [B, H, L, hd].
-    q = apply_rotary(q, cos, sin).transpose(1, 2)
+    q = apply_rotary(q, cos_q, sin_q).transpose(1, 2)
     k = apply_rotary(k, cos, sin).transpose(1, 2)
     v = v.transpose(1, 2)
     if kv_out is not None:
@@ -250,6 +259,20 @@ def attend(
     # Never is_causal (masked diffusion): the mask says everything. SDPA's default scale is 1/sqrt(head_dim).
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False, enable_gqa=k.shape[1] != heads)
     return a.transpose(1, 2).reshape(b, seq, heads * hd)
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x`` ``[B, L, …]`` at positions ``index`` ``[B, K]`` -> ``[B, K, …]``."""
+    shape = index.shape + x.shape[2:]
+    flat = index.long().reshape(index.shape[0], -1, *([1] * (x.dim() - 2)))
+    return torch.gather(x, 1, flat.expand(shape))
+
+
+def _rows(table: Tensor, index: Tensor) -> Tensor:
+    """A RoPE table ``[L, hd]`` or ``[B, L, hd]`` at positions ``index`` ``[B, K]`` -> ``[B, K, hd]``."""
+    if table.dim() == 2:
+        return table[index.long()]
+    return gather_rows(table.expand(index.shape[0], -1, -1), index)
 
 
 def _as_bool(mask: Tensor) -> Tensor:
@@ -271,7 +294,7 @@ def _select(h: Tensor, logits_at: Tensor | None) -> Tensor:
             f"logits_at must be a [B, L] bool mask or a [B, K] integer index tensor with B={b}, got "
             f"{logits_at.dtype} of shape {tuple(logits_at.shape)}"
         )
-    return torch.gather(h, 1, logits_at.long().unsqueeze(-1).expand(-1, -1, d))
+    return gather_rows(h, logits_at)
 
 
 # ------------------------------------------------------------------------------------------------ backbone
@@ -455,12 +478,14 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
             cos, sin = self.rotary(seq, input_ids.device, position_ids)
             x = self.input_embedding()(input_ids)
             recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-            for block in blocks:
+            trim = self._trim(x, logits_at, return_hidden, return_logits)
+            for i, block in enumerate(blocks):
+                queries = trim if i == len(blocks) - 1 else None
                 if recompute:
-                    x = cast(Tensor, checkpoint(block, x, cos, sin, mask, use_reentrant=False))
+                    x = cast(Tensor, checkpoint(block, x, cos, sin, mask, None, None, queries, use_reentrant=False))
                 else:
-                    x = block(x, cos, sin, mask)
-            return self._head(x, logits_at, return_hidden, return_logits)
+                    x = block(x, cos, sin, mask, None, None, queries)
+            return self._head(x, None if trim is not None else logits_at, return_hidden, return_logits)
 
         own_mask: Tensor | None = None  # cache path from here on: [B, L] key padding of the input's own keys
         own_pattern: Tensor | None = None  # or an explicit [B, 1, L, L] pattern among them
@@ -488,13 +513,27 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
         cos, sin = self.rotary(seq, input_ids.device, position_ids)
         x = self.input_embedding()(input_ids)
         kv: list[tuple[Tensor, Tensor]] | None = [] if return_cache else None
+        trim = self._trim(x, logits_at, return_hidden, return_logits)
         for i, block in enumerate(blocks):
             context = None if cache is None else (cache.keys[i], cache.values[i])
-            x = block(x, cos, sin, mask, context, kv)
-        out = self._head(x, logits_at, return_hidden, return_logits)
+            x = block(x, cos, sin, mask, context, kv, trim if i == len(blocks) - 1 else None)
+        out = self._head(x, None if trim is not None else logits_at, return_hidden, return_logits)
         if kv is not None:
             out.cache = KVCache([k for k, _ in kv], [v for _, v in kv], own_mask)
         return out
+
+    @staticmethod
+    def _trim(x: Tensor, logits_at: Tensor | None, return_hidden: bool, return_logits: bool) -> Tensor | None:
+        """``[B, K]`` positions the last block needs to compute (its queries, residual and MLP), or ``None`` = all.
+
+        With an index ``logits_at`` and no hidden states requested, the last block's output is only read at those
+        positions; its keys/values still come from every position. Exact, and it saves ``(L − K)/L`` of the last
+        block (the full forwards of samplers compute logits for one block of a long canvas).
+        """
+        if logits_at is None or logits_at.dtype == torch.bool or return_hidden or not return_logits:
+            return None
+        _select(x, logits_at)  # validates the index tensor's shape and dtype
+        return logits_at.long()
 
     def _head(self, x: Tensor, logits_at: Tensor | None, return_hidden: bool, return_logits: bool) -> BackboneOutput:
         """Final norm and (selected) vocabulary projection of the last block's output ``[B, L, D]``."""
