@@ -532,6 +532,8 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
         """
         if logits_at is None or logits_at.dtype == torch.bool or return_hidden or not return_logits:
             return None
+        if logits_at.dim() == 2 and logits_at.shape[1] >= x.shape[1]:  # every position wanted: nothing to save
+            return None
         _select(x, logits_at)  # validates the index tensor's shape and dtype
         return logits_at.long()
 

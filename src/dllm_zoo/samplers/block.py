@@ -31,7 +31,7 @@ whole blocks to align their active blocks; finished rows are never written again
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -212,6 +212,13 @@ class BlockSampler(Sampler):
             alive = alive & (j < nblk)
             ran = ran + alive.long()
             iters = self._iterations(canvas[:, s:e] == mask_id, alive, plan)
+            # Per-block constants (one mask and one logits index for all of the block's steps).
+            if self.use_cache:
+                block_mask = block_causal_mask(positions[:, s:e], blk, keys_real[:, s:e])
+                block_at = torch.arange(blk, device=device).expand(b, blk)
+            else:
+                block_mask = block_causal_mask(positions[:, :e], blk, keys_real[:, :e])
+                block_at = torch.arange(s, e, device=device).expand(b, blk)
             for i in range(iters):
                 masked = (canvas[:, s:e] == mask_id) & alive[:, None]  # [B, K]
                 if adaptive and not bool(masked.any()):  # one sync per step only for data-dependent rules
@@ -220,12 +227,22 @@ class BlockSampler(Sampler):
                     # The clean columns not cached yet (the prompt's full blocks, the block just finished) ride
                     # along with this step's forward: no separate "store" forward as in the reference.
                     c = cached_to
-                    logits, new = self._window(model, canvas[:, c:e], positions[:, c:e], keys_real[:, c:e], ctx, blk)
                     if c < s:
+                        logits, new = self._window(
+                            model, canvas[:, c:e], positions[:, c:e], keys_real[:, c:e], ctx, blk
+                        )
                         ctx = new if ctx is None else KVCache.cat([ctx, new])
                         cached_to = s
+                    else:
+                        out = model(
+                            canvas[:, s:e], attention_mask=block_mask, position_ids=positions[:, s:e], cache=ctx
+                        )
+                        logits = cast(Tensor, out.logits)
                 else:
-                    logits = self._uncached_logits(model, canvas[:, :e], positions[:, :e], keys_real[:, :e], s, blk)
+                    out = model(
+                        canvas[:, :e], attention_mask=block_mask, position_ids=positions[:, :e], logits_at=block_at
+                    )
+                    logits = cast(Tensor, out.logits)
                 nfe += 1
                 x0, scored = sample_tokens(logits, self.temperature, self.top_k, self.top_p, generator)
                 conf = self.confidence(scored, x0, generator=generator)
@@ -277,34 +294,24 @@ class BlockSampler(Sampler):
     def _window(
         model: Backbone, ids: Tensor, pos: Tensor, keys_real: Tensor, ctx: KVCache | None, blk: int
     ) -> tuple[Tensor, KVCache]:
-        """One cached step: logits of the active block and the K/V of the clean columns before it.
+        """A cached step that also caches clean columns: the active block's logits and the clean columns' K/V.
 
-        ``ids`` ``[B, C + K]`` = clean columns not cached yet (``C`` >= 0, whole blocks) followed by the active block;
+        ``ids`` ``[B, C + K]`` = clean columns not cached yet (``C`` > 0, whole blocks) followed by the active block;
         the window attends to ``ctx`` and block-causally on the sampler's own grid inside (bidirectional within the
         active block, whatever the model's ``block_size``).
 
         Returns:
-            ``(logits [B, K, V], cache of the C clean columns)``; ``ctx`` itself (unused) when ``C`` = 0.
+            ``(logits [B, K, V], cache of the C clean columns)``.
         """
         k = blk
         width = ids.shape[1]
         at = torch.arange(width - k, width, device=ids.device).expand(ids.shape[0], k)
         mask = block_causal_mask(pos, blk, keys_real)
-        out = model(ids, attention_mask=mask, position_ids=pos, cache=ctx, logits_at=at, return_cache=width > k)
+        out = model(ids, attention_mask=mask, position_ids=pos, cache=ctx, logits_at=at, return_cache=True)
         assert out.logits is not None
-        if width == k:
-            return out.logits, ctx  # type: ignore[return-value]
         assert out.cache is not None
         clean = out.cache.select(slice(0, width - k))
         return out.logits, dataclasses.replace(clean, key_mask=keys_real[:, : width - k])
-
-    @staticmethod
-    def _uncached_logits(model: Backbone, ids: Tensor, pos: Tensor, keys_real: Tensor, s: int, blk: int) -> Tensor:
-        """Logits ``[B, K, V]`` of the block starting at column ``s`` from a full block-causal forward."""
-        at = torch.arange(s, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        out = model(ids, attention_mask=block_causal_mask(pos, blk, keys_real), position_ids=pos, logits_at=at)
-        assert out.logits is not None
-        return out.logits
 
     def _gather(
         self,
