@@ -6,8 +6,9 @@
 
 Full attention (LLaDA ``mini`` preset, SFT by ``recipes/configs/pretrain/sft_arithmetic.yaml``): ``plain`` (static
 reveal plan, no cache), ``cached`` (dual KV cache), ``threshold`` (confidence >= 0.95, at least one per step),
-``cached+threshold``, ``prefix+threshold`` (prefix cache), ``cached+threshold+early_stop``; each at batch 1 and 8, next to two literal reference
-loops on the same weights: LLaDA's ``generate`` and Fast-dLLM's dual cache + threshold (batch 1 only).
+``cached+threshold``, ``prefix+threshold`` (prefix cache), ``cached+threshold+early_stop``; each at batch 1 and 8,
+next to two literal reference loops on the same weights: LLaDA's ``generate`` and Fast-dLLM's dual cache +
+threshold (batch 1 only).
 
 Block attention (SDAR ``tiny`` preset, block-diffusion SFT by ``recipes/sdar.py``'s default): the three strategies
 ``low_confidence_static``, ``low_confidence_dynamic`` and ``entropy_bounded`` with the exact KV cache and as the
