@@ -1,12 +1,17 @@
 """Peak memory of one measured region: CUDA allocator peak on GPUs, resident-set peak (VmHWM) on Linux CPUs.
 
-On CPU the kernel's high-water mark is reset through ``/proc/self/clear_refs`` (Linux >= 4.0) before the region,
-so each region reports its own peak above the memory resident when it started (memory the allocator kept from
-an earlier region is reused, not counted twice). Elsewhere it falls back to the process peak.
+On CPU, freed heap memory is first handed back to the kernel (glibc ``malloc_trim``; otherwise the allocator would
+reuse it silently and a later region would look free), then the kernel's high-water mark is reset through
+``/proc/self/clear_refs`` (Linux >= 4.0), so each region reports its own peak above the memory resident when it
+started. Elsewhere it falls back to the process peak.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import re
 import resource
 from pathlib import Path
@@ -15,6 +20,16 @@ from types import TracebackType
 import torch
 
 _STATUS = Path("/proc/self/status")
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the kernel (glibc only; a no-op elsewhere)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(name).malloc_trim(0)
 
 
 def _status_kib(field: str) -> int | None:
@@ -45,6 +60,7 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             self.kind = "cuda_allocated_peak_above_start"
             return self
+        _trim_heap()
         try:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             self._start = _status_kib("VmRSS") or 0
