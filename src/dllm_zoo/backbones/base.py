@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -36,9 +36,15 @@ class Backbone(nn.Module, ABC):
     ``from_pretrained`` / ``save_pretrained`` in the family's ORIGINAL file layout and key names; attention is
     never silently causal; :attr:`layout` owns every special id; :meth:`transformer_blocks` lists the repeated
     blocks (FSDP wraps and activation checkpointing act on them).
+
+    Class attributes:
+        lora_target_modules: Default LoRA targets of the family (:class:`dllm_zoo.adapters.LoRA` with
+            ``target_modules=None``): names of ``nn.Linear`` layers inside :meth:`transformer_blocks`, matched by
+            their path within a block, never outside the blocks. Empty: the user must name the targets.
     """
 
     layout: TokenLayout
+    lora_target_modules: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def forward(

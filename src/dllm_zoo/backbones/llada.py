@@ -437,6 +437,17 @@ class LLaDABackbone(TransformerBackbone[LLaDAConfig]):
     """
 
     config_class = LLaDAConfig
+    # Matched inside the blocks only: `ff_out` is each block's down projection (model.transformer.blocks.{i}.ff_out),
+    # never the LM head of the same leaf name (model.transformer.ff_out), which lies outside the blocks.
+    lora_target_modules: ClassVar[tuple[str, ...]] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "attn_out",
+        "ff_proj",
+        "up_proj",
+        "ff_out",
+    )
 
     def __init__(
         self,

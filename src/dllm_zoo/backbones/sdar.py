@@ -454,6 +454,16 @@ class SDARBackbone(TransformerBackbone[SDARConfig]):
     """
 
     config_class = SDARConfig
+    # HF Qwen3 names, matched inside model.layers.{i} (self_attn.* and mlp.*); lm_head is never adapted.
+    lora_target_modules: ClassVar[tuple[str, ...]] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
 
     def __init__(
         self,

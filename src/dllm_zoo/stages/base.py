@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from dllm_zoo.adapters import LoRA, apply_lora, disable_adapter, has_adapter
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.data.packing import packed_sample_ids
 from dllm_zoo.losses.masked_diffusion import LossOutput, MaskedDiffusionLoss
@@ -17,6 +19,9 @@ from dllm_zoo.stages.optim import OptimConfig, build_optimizer
 from dllm_zoo.tokenizers.layout import TokenLayout
 
 BackboneFactory = Callable[[], Backbone]
+
+# Checkpoint entry marking a state dict that holds the adapter only (see DiffusionStage.on_save_checkpoint).
+ADAPTER_CHECKPOINT_KEY = "dllm_zoo_adapter"
 
 
 class DiffusionStage(L.LightningModule):
@@ -27,22 +32,32 @@ class DiffusionStage(L.LightningModule):
     * :meth:`step_generator` gives a random source derived from ``(seed, rank, global_step, batch_idx)``:
       masking is different on every rank and step, and a resumed run draws exactly what the uninterrupted
       run would have drawn, with no RNG state to checkpoint.
+    * With an ``adapter`` (:class:`~dllm_zoo.adapters.LoRA`) the built backbone gets LoRA layers injected in place
+      (QLoRA: its block Linear layers stored as 4-bit NF4 first); only the LoRA factors train, the optimizer sees
+      only them, checkpoints hold only them (the frozen base is rebuilt from ``--model.backbone`` on resume), and
+      :meth:`disable_adapter` runs the base model (reference policy of the RL stages).
 
     Args:
         backbone: A zero-argument callable returning a :class:`Backbone` (in YAML: ``class_path`` +
             ``init_args`` of a backbone class), or a backbone instance.
         optim: Optimizer and learning-rate schedule.
         seed: Seed of the per-step random source.
+        adapter: LoRA / QLoRA adapter to train instead of the full backbone; ``None`` trains every weight.
     """
 
     loss_fn: MaskedDiffusionLoss
 
-    def __init__(self, backbone: BackboneFactory | Backbone, optim: OptimConfig, seed: int) -> None:
+    def __init__(
+        self, backbone: BackboneFactory | Backbone, optim: OptimConfig, seed: int, adapter: LoRA | None = None
+    ) -> None:
         super().__init__()
         self.backbone_factory = backbone
         self.backbone: Backbone | None = None
         self.optim = optim
         self.seed = seed
+        # load_from_checkpoint passes the plain dict stored in hparams back in.
+        self.adapter = LoRA(**adapter) if isinstance(adapter, Mapping) else adapter
+        self._adapter_only_state = False  # set by on_load_checkpoint for load_state_dict
         if isinstance(backbone, Backbone):
             self.backbone = backbone
 
@@ -55,6 +70,26 @@ class DiffusionStage(L.LightningModule):
                 raise TypeError(f"--model.backbone must build a dllm_zoo Backbone, got {type(built).__name__}")
             self.backbone = built
         self._check_layout()
+        self._apply_adapter()
+
+    def _apply_adapter(self) -> None:
+        """Inject ``self.adapter`` into the built backbone, once (``configure_model`` may run several times).
+
+        A backbone that already holds an adapter (a stage re-configured, or a user's pre-adapted instance) is left
+        as it is. QLoRA quantises on the trainer's device, so a checkpoint loaded on CPU reaches a GPU as 4-bit.
+        """
+        if self.adapter is None or self.backbone is None or has_adapter(self.backbone):
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        apply_lora(self.backbone, self.adapter, device=device)
+
+    def disable_adapter(self) -> AbstractContextManager[None]:
+        """Context manager: the backbone computes its base model (adapter off), e.g. an RL reference policy.
+
+        Raises:
+            ValueError: when the stage has no adapter (``--model.adapter`` unset).
+        """
+        return disable_adapter(self.net)
 
     def _check_layout(self) -> None:
         trainer = self._trainer
@@ -173,6 +208,76 @@ class DiffusionStage(L.LightningModule):
         bs = batch["input_ids"].shape[0]
         self.log("val/loss", out.loss, prog_bar=True, batch_size=bs)
         self.log("val/ce", out.ce, batch_size=bs)
+
+    # ------------------------------------------------------------ checkpoints
+    def _frozen_backbone_keys(self) -> set[str]:
+        """State-dict keys (of this stage) of the backbone's frozen tensors, under every name it is registered as."""
+        net = self.net
+        trainable = {id(p) for p in net.parameters() if p.requires_grad}  # the adapter, plus anything user-unfrozen
+        own = net.state_dict(keep_vars=True)
+        frozen = [k for k, v in own.items() if id(v) not in trainable]
+        prefixes = [name for name, child in self._modules.items() if child is net]
+        return {f"{prefix}.{key}" for prefix in prefixes for key in frozen}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With an adapter, keep only the adapter's tensors in the checkpoint (the frozen base is not saved).
+
+        The base is rebuilt from ``--model.backbone`` (e.g. the same ``pretrained`` directory) when the run resumes;
+        an 8B LoRA checkpoint is then megabytes, not 16 GB, and QLoRA's 4-bit weights (which bitsandbytes cannot load
+        back through ``load_state_dict``) never need reloading.
+        """
+        if self.backbone is None or not has_adapter(self.backbone):
+            return
+        state = checkpoint["state_dict"]
+        dropped = self._frozen_backbone_keys() & set(state)
+        for key in dropped:
+            del state[key]
+        checkpoint[ADAPTER_CHECKPOINT_KEY] = {
+            "adapter": self.adapter.to_dict() if self.adapter is not None else None,
+            "frozen_keys_not_saved": len(dropped),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Note whether the checkpoint holds the adapter only (for :meth:`load_state_dict`) and check it fits.
+
+        Raises:
+            ValueError: when the checkpoint's adapter differs from ``--model.adapter`` in anything but dropout.
+        """
+        entry = checkpoint.get(ADAPTER_CHECKPOINT_KEY)
+        self._adapter_only_state = entry is not None
+        saved = entry.get("adapter") if isinstance(entry, dict) else None
+        if saved is None or self.adapter is None:
+            return
+        mine = self.adapter.to_dict()
+        differ = [f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in mine if k != "dropout" and saved.get(k) != mine[k]]
+        if differ:
+            raise ValueError(
+                "the checkpoint was trained with another adapter: set --model.adapter to match it: " + ", ".join(differ)
+            )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; an adapter-only checkpoint may lack exactly the frozen backbone tensors.
+
+        Raises:
+            RuntimeError: when an adapter-only checkpoint meets a stage without adapter, or (``strict``) has
+                unexpected keys or lacks an adapter tensor.
+        """
+        if not self._adapter_only_state:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._adapter_only_state = False
+        if self.backbone is None or not has_adapter(self.backbone):
+            raise RuntimeError(
+                "this checkpoint holds LoRA adapter weights only (no base weights): build the stage with the "
+                "--model.adapter it was trained with"
+            )
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = sorted(set(result.missing_keys) - self._frozen_backbone_keys())
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"the adapter checkpoint does not fit this stage's --model.adapter: missing adapter tensors "
+                f"{missing[:5]}, unexpected keys {list(result.unexpected_keys)[:5]}"
+            )
+        return result
 
     # ------------------------------------------------------------- optimizers
     def configure_optimizers(self) -> Any:

@@ -9,6 +9,7 @@ import torch
 from jsonargparse import lazy_instance
 from torch import Tensor
 
+from dllm_zoo.adapters import LoRA
 from dllm_zoo.backbones.attention import sdar_training_mask
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.backbones.sdar import SDARBackbone
@@ -55,6 +56,8 @@ class BlockDiffusionSFT(DiffusionStage):
         loss: Weighting and normalisation; default SDAR's ``Σ CE/p ÷ |answer|`` (:meth:`MaskedDiffusionLoss.sft`).
         optim: Optimizer settings.
         seed: Seed of the masking random source.
+        adapter: Train a LoRA / QLoRA adapter (:class:`~dllm_zoo.adapters.LoRA`, ``--model.adapter.*``) instead of
+            every weight; ``None`` = full training.
     """
 
     def __init__(
@@ -65,16 +68,18 @@ class BlockDiffusionSFT(DiffusionStage):
         loss: MaskedDiffusionLoss = lazy_instance(MaskedDiffusionLoss, normalization="answer_length"),
         optim: OptimConfig = OptimConfig(),
         seed: int = 0,
+        adapter: LoRA | None = None,
     ) -> None:
-        super().__init__(backbone, optim, seed)
+        super().__init__(backbone, optim, seed, adapter)
         if block_size is not None and block_size <= 0:
             raise ValueError(f"--model.block_size must be > 0, got {block_size}")
         self.requested_block_size = block_size
         self.schedule = schedule
         self.loss_fn = loss
-        self.save_hyperparameters(ignore=["backbone", "schedule", "loss", "optim"])
+        self.save_hyperparameters(ignore=["backbone", "schedule", "loss", "optim", "adapter"])
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         self.hparams["optim"] = dataclasses.asdict(optim)
+        self.hparams["adapter"] = None if self.adapter is None else self.adapter.to_dict()
 
     @property
     def block_size(self) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 from jsonargparse import lazy_instance
 from torch import Tensor
 
+from dllm_zoo.adapters import LoRA
 from dllm_zoo.backbones.attention import packed_mask
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.backbones.llada import LLaDABackbone
@@ -35,6 +36,8 @@ class MaskedDiffusionPretraining(DiffusionStage):
         loss: Weighting and normalisation.
         optim: Optimizer settings.
         seed: Seed of the masking random source.
+        adapter: Train a LoRA / QLoRA adapter (:class:`~dllm_zoo.adapters.LoRA`, ``--model.adapter.*``) instead of
+            every weight; ``None`` = full training.
     """
 
     def __init__(
@@ -44,13 +47,15 @@ class MaskedDiffusionPretraining(DiffusionStage):
         loss: MaskedDiffusionLoss = lazy_instance(MaskedDiffusionLoss),
         optim: OptimConfig = OptimConfig(),
         seed: int = 0,
+        adapter: LoRA | None = None,
     ) -> None:
-        super().__init__(backbone, optim, seed)
+        super().__init__(backbone, optim, seed, adapter)
         self.schedule = schedule
         self.loss_fn = loss
-        self.save_hyperparameters(ignore=["backbone", "schedule", "loss", "optim"])
+        self.save_hyperparameters(ignore=["backbone", "schedule", "loss", "optim", "adapter"])
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         self.hparams["optim"] = dataclasses.asdict(optim)
+        self.hparams["adapter"] = None if self.adapter is None else self.adapter.to_dict()
 
     def forward_loss(self, batch: dict[str, Any], batch_idx: int, stream: int = 0, per_step: bool = True) -> LossOutput:
         """Corrupt ``batch`` and compute the loss (shared by training and validation).
