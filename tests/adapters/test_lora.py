@@ -203,15 +203,29 @@ class LossRecorder(L.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-@pytest.mark.parametrize("quantize", [None, pytest.param("nf4", id="qlora")])
-def test_adapter_only_checkpoints_resume_exactly(quantize: str | None, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("quantize", "pretrained", "adapter_only"),
+    [
+        pytest.param(None, True, True, id="lora-pretrained-base"),  # the base is read back from `pretrained`
+        pytest.param(None, False, False, id="lora-fresh-base"),  # nothing could rebuild the base: it is saved
+        pytest.param("nf4", False, True, id="qlora-fresh-base"),  # 4-bit storage cannot be reloaded: seed rebuild
+    ],
+)
+def test_adapter_checkpoints_resume_exactly(
+    quantize: str | None, pretrained: bool, adapter_only: bool, tmp_path: Path
+) -> None:
     if quantize:
         pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install 'dllm_zoo[quant]')")
+    base_dir = tmp_path / "base"
+    tiny(LLaDABackbone, seed=7)().save_pretrained(base_dir)
 
-    def stage() -> MaskedDiffusionPretraining:
+    def backbone(seed: int = 0) -> LLaDABackbone:
+        return LLaDABackbone(pretrained=str(base_dir)) if pretrained else tiny(LLaDABackbone, seed=seed)()
+
+    def stage(base_seed: int = 0) -> MaskedDiffusionPretraining:
         # dropout 0: LoRA dropout draws from the global RNG, which Lightning checkpoints do not restore
         return MaskedDiffusionPretraining(
-            backbone=tiny(LLaDABackbone),
+            backbone=lambda: backbone(base_seed),
             adapter=LoRA(rank=4, dropout=0.0, quantize=quantize),  # type: ignore[arg-type]
             optim=OptimConfig(lr=1e-2, warmup_steps=2),
             seed=3,
@@ -238,16 +252,23 @@ def test_adapter_only_checkpoints_resume_exactly(quantize: str | None, tmp_path:
     trainer(tmp_path / "a", [full, ckpt]).fit(stage(), datamodule=data())
     path = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
     saved = torch.load(path, weights_only=True)
-    assert saved["state_dict"]
-    assert all(".lora_A." in k or ".lora_B." in k for k in saved["state_dict"])
-    assert saved[ADAPTER_CHECKPOINT_KEY]["adapter"]["quantize"] == quantize
+    lora_keys = [k for k in saved["state_dict"] if ".lora_A." in k or ".lora_B." in k]
+    assert len(lora_keys) == 2 * len(EXPECTED_TARGETS[LLaDABackbone])
+    assert (len(lora_keys) == len(saved["state_dict"])) is adapter_only
+    entry = saved[ADAPTER_CHECKPOINT_KEY]
+    assert entry["adapter"]["quantize"] == quantize
+    assert entry["base"] == (str(base_dir) if pretrained else None)
 
     resumed = LossRecorder()
-    trainer(tmp_path / "b", [resumed]).fit(stage(), datamodule=data(), ckpt_path=str(path))
+    if adapter_only and not pretrained:
+        with pytest.warns(UserWarning, match="initialised from the seed"):
+            trainer(tmp_path / "b", [resumed]).fit(stage(), datamodule=data(), ckpt_path=str(path))
+    else:  # a saved base must win over a differently initialised one
+        trainer(tmp_path / "b", [resumed]).fit(stage(base_seed=99), datamodule=data(), ckpt_path=str(path))
     assert sorted(resumed.losses) == [4, 5, 6]
     for step, loss in resumed.losses.items():
         assert loss == pytest.approx(full.losses[step], abs=1e-6), step
 
-    wrong = MaskedDiffusionPretraining(backbone=tiny(LLaDABackbone), adapter=LoRA(rank=8, quantize=quantize))  # type: ignore[arg-type]
+    wrong = MaskedDiffusionPretraining(backbone=lambda: backbone(0), adapter=LoRA(rank=8, quantize=quantize))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"another adapter: set --model.adapter to match it: rank=4 \(now 8\)"):
         trainer(tmp_path / "c", []).fit(wrong, datamodule=data(), ckpt_path=str(path))

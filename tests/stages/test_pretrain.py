@@ -116,3 +116,12 @@ def test_missing_max_steps_is_a_clear_error(tmp_path: Path) -> None:
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, limit_val_batches=0)
     with pytest.raises(ValueError, match="--trainer.max_steps"):
         trainer.fit(make_stage(), datamodule=make_data(tmp_path))
+
+
+def test_a_backbone_instance_and_a_factory_give_the_same_state_dict_keys() -> None:
+    from_instance = MaskedDiffusionPretraining(backbone=LLaDABackbone("tiny"))
+    from_factory = MaskedDiffusionPretraining(backbone=lambda: LLaDABackbone("tiny"))
+    from_factory.configure_model()
+    keys = sorted(from_instance.state_dict())
+    assert keys == sorted(from_factory.state_dict())
+    assert all(k.startswith("backbone.") for k in keys)  # held once, never also as `backbone_factory.*`

@@ -41,10 +41,14 @@ class Backbone(nn.Module, ABC):
         lora_target_modules: Default LoRA targets of the family (:class:`dllm_zoo.adapters.LoRA` with
             ``target_modules=None``): names of ``nn.Linear`` layers inside :meth:`transformer_blocks`, matched by
             their path within a block, never outside the blocks. Empty: the user must name the targets.
+        pretrained_from: The checkpoint directory the weights came from, or ``None`` for a fresh initialisation.
     """
 
     layout: TokenLayout
     lora_target_modules: ClassVar[tuple[str, ...]] = ()
+    # The checkpoint directory the weights were loaded from (None: initialised here). Adapter checkpoints leave
+    # the frozen base out only when it can be read back from such a directory.
+    pretrained_from: str | None = None
 
     @abstractmethod
     def forward(

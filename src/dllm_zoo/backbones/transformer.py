@@ -720,6 +720,7 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
         expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         state = load_state_dict(path, expected, device=device, dtype=dtype)
         self.load_state_dict(state, strict=True, assign=True)
+        self.pretrained_from = str(path)
 
     def _config_json(self) -> dict[str, Any]:
         """The ``config.json`` content :meth:`save_pretrained` writes (families may add fields)."""

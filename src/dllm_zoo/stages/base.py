@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from dllm_zoo.adapters import LoRA, apply_lora, disable_adapter, has_adapter
@@ -51,7 +52,9 @@ class DiffusionStage(L.LightningModule):
         self, backbone: BackboneFactory | Backbone, optim: OptimConfig, seed: int, adapter: LoRA | None = None
     ) -> None:
         super().__init__()
-        self.backbone_factory = backbone
+        # An instance is held once, as `backbone`: registered under a second name too, it would put every tensor in
+        # the state dict twice and make checkpoints depend on how the stage was given its backbone.
+        self.backbone_factory: BackboneFactory | None = None if isinstance(backbone, Backbone) else backbone
         self.backbone: Backbone | None = None
         self.optim = optim
         self.seed = seed
@@ -65,6 +68,7 @@ class DiffusionStage(L.LightningModule):
     def configure_model(self) -> None:
         """Build the backbone (once) and check it against the data's token layout."""
         if self.backbone is None:
+            assert self.backbone_factory is not None  # __init__ stores a factory whenever it got no instance
             built = self.backbone_factory()
             if not isinstance(built, Backbone):
                 raise TypeError(f"--model.backbone must build a dllm_zoo Backbone, got {type(built).__name__}")
@@ -220,20 +224,25 @@ class DiffusionStage(L.LightningModule):
         return {f"{prefix}.{key}" for prefix in prefixes for key in frozen}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """With an adapter, keep only the adapter's tensors in the checkpoint (the frozen base is not saved).
+        """With an adapter on a pretrained base, keep only the adapter's tensors (the frozen base is not saved).
 
-        The base is rebuilt from ``--model.backbone`` (e.g. the same ``pretrained`` directory) when the run resumes;
-        an 8B LoRA checkpoint is then megabytes, not 16 GB, and QLoRA's 4-bit weights (which bitsandbytes cannot load
-        back through ``load_state_dict``) never need reloading.
+        The base is rebuilt from ``--model.backbone`` (the same ``pretrained`` directory) when the run resumes; an
+        8B LoRA checkpoint is then megabytes, not 16 GB. A base initialised here (no ``pretrained``) is saved with
+        the adapter, since nothing could rebuild it, except under QLoRA: bitsandbytes' 4-bit weights cannot be
+        loaded back through ``load_state_dict``, so that base is rebuilt from the recipe's seed (and a warning says
+        so on resume).
         """
         if self.backbone is None or not has_adapter(self.backbone):
             return
+        base = self.net.pretrained_from
+        quantized = self.adapter is not None and self.adapter.quantize is not None
         state = checkpoint["state_dict"]
-        dropped = self._frozen_backbone_keys() & set(state)
+        dropped = self._frozen_backbone_keys() & set(state) if base is not None or quantized else set()
         for key in dropped:
             del state[key]
         checkpoint[ADAPTER_CHECKPOINT_KEY] = {
             "adapter": self.adapter.to_dict() if self.adapter is not None else None,
+            "base": base,
             "frozen_keys_not_saved": len(dropped),
         }
 
@@ -244,7 +253,12 @@ class DiffusionStage(L.LightningModule):
             ValueError: when the checkpoint's adapter differs from ``--model.adapter`` in anything but dropout.
         """
         entry = checkpoint.get(ADAPTER_CHECKPOINT_KEY)
-        self._adapter_only_state = entry is not None
+        self._adapter_only_state = isinstance(entry, dict) and entry.get("frozen_keys_not_saved", 0) > 0
+        if self._adapter_only_state and entry.get("base") is None:  # type: ignore[union-attr]
+            rank_zero_warn(
+                "this QLoRA checkpoint's base was initialised from the seed, not loaded from `pretrained`: it is "
+                "rebuilt the same way now, which matches the trained run only with the same seed and --model.backbone"
+            )
         saved = entry.get("adapter") if isinstance(entry, dict) else None
         if saved is None or self.adapter is None:
             return
