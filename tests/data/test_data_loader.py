@@ -105,7 +105,7 @@ def test_generic_dataset_and_state_checks(shard_dir: Path) -> None:
     state = _loader(shard_dir, 2).state_dict()
     with pytest.raises(ValueError, match="--data.num_workers 2"):
         _loader(shard_dir, 0).load_state_dict(state)
-    with pytest.raises(ValueError, match="2 rank"):
+    with pytest.warns(UserWarning, match=r"saved by 2 rank\(s\) but this run has 1"):  # restarts the epoch
         _loader(shard_dir, 2).load_state_dict({**state, "positions": state["positions"] * 2})
 
 

@@ -21,7 +21,14 @@ How Lightning uses it (checked against ``lightning/pytorch`` 2.6: ``loops/fit_lo
 * Only rank 0 writes the checkpoint, but ``dump_checkpoint`` runs on every rank, so under
   ``torch.distributed`` :meth:`ResumableDataLoader.state_dict` gathers every rank's position
   (``all_gather_object``) and each rank restores its own. It must therefore be called on all ranks together,
-  as Lightning does.
+  as Lightning does. A run resumed on another number of ranks cannot continue each rank's stream exactly (the
+  split changes): the stored epoch restarts from its beginning, with a warning that says how many batches are
+  seen again.
+* Streams split by shards give ranks different numbers of batches when shards differ in size; a rank that runs
+  out while the others train would leave them waiting forever in the next gradient all-reduce. So under
+  ``torch.distributed`` every batch is agreed on first (a one-element all-reduce over a gloo group, in the main
+  process): when any rank has run out, every rank ends the epoch there, and the batches left behind are
+  reported in a :class:`~dllm_zoo.data.stream.DataWarning`.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate, get_worker_info
 
-from dllm_zoo.data.stream import END, NEXT_KEY, SampleStream, dist_rank_world
+from dllm_zoo.data.stream import END, NEXT_KEY, DataWarning, SampleStream, dist_rank_world
 
 STATE_VERSION = 1
 
@@ -141,6 +148,7 @@ class ResumableDataLoader(DataLoader):
         self._last_consumed: LoaderPosition | None = None
         self._consumption_tracked = False
         self._iteration_finished = True
+        self.batches_left_behind = 0  # batches this rank held when another rank ran out (uneven shards)
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
@@ -169,7 +177,8 @@ class ResumableDataLoader(DataLoader):
             for _ in range(start.batches):  # generic datasets: re-read and discard the consumed batches
                 if next(it, _EXHAUSTED) is _EXHAUSTED:
                     break
-        for out in it:
+        agree = _batch_agreement()
+        for out in it if agree is None else _agreed(it, agree, self, start.epoch):
             if self._stream:
                 physical, next_position, batch = out
                 logical = (physical + start.next_worker) % self._workers
@@ -248,10 +257,19 @@ class ResumableDataLoader(DataLoader):
         rank, world = self._rank_world()
         positions: Sequence[dict[str, Any] | None] = state_dict["positions"]
         if len(positions) != world:
-            raise ValueError(
-                f"the data position was saved by {len(positions)} rank(s) but this run has {world}; resume with "
-                "the same number of devices"
+            saved = [p for p in positions if p is not None]
+            epoch = int(saved[0]["epoch"]) if saved else 0
+            repeated = sum(int(p["batches"]) for p in saved)
+            warnings.warn(
+                f"the data position was saved by {len(positions)} rank(s) but this run has {world}: the split over "
+                f"ranks changed, so epoch {epoch} restarts from its beginning ({repeated} batch(es) already trained "
+                "on, summed over the saved ranks, are seen again). Resume on the same number of devices to "
+                "continue the data exactly.",
+                DataWarning,
+                stacklevel=2,
             )
+            self._restart(LoaderPosition.start(epoch, self._workers))
+            return
         if self._stream and state_dict["num_workers"] != self.num_workers:
             raise ValueError(
                 f"the data position was saved with num_workers={state_dict['num_workers']}; resume with "
@@ -267,6 +285,10 @@ class ResumableDataLoader(DataLoader):
             raise ValueError(f"stored stream positions for {len(pos.samples)} workers, loader has {self._workers}")
         if not self._stream:
             pos = LoaderPosition(pos.epoch, pos.batches, 0, (0,) * self._workers)
+        self._restart(pos)
+
+    def _restart(self, pos: LoaderPosition) -> None:
+        """Make the next ``iter()`` start at ``pos`` and forget the current pass."""
         self._resume = pos
         self._base = pos
         self._next_epoch = pos.epoch
@@ -282,3 +304,44 @@ class ResumableDataLoader(DataLoader):
 
 
 _EXHAUSTED = object()
+_AGREEMENT_GROUPS: dict[int, Any] = {}
+
+
+def _batch_agreement() -> Any | None:
+    """The process group that agrees on every batch (``None`` without ``torch.distributed`` or with one rank).
+
+    A gloo group, so the one-element flag stays on the CPU whatever the training backend (NCCL needs CUDA
+    tensors). Created on first use, which happens on every rank at the same point (the first train ``iter()``),
+    as ``new_group`` requires.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    key = id(dist.distributed_c10d._get_default_group())
+    if key not in _AGREEMENT_GROUPS:
+        gloo = dist.get_backend() == "gloo"
+        _AGREEMENT_GROUPS[key] = dist.group.WORLD if gloo else dist.new_group(backend="gloo")
+    return _AGREEMENT_GROUPS[key]
+
+
+def _agreed(it: Iterator[Any], group: Any, loader: ResumableDataLoader, epoch: int) -> Iterator[Any]:
+    """``it``, ending on every rank as soon as one rank has no next batch (see the module docstring)."""
+    flag = torch.ones(1, dtype=torch.int32)
+    while True:
+        out = next(it, _EXHAUSTED)
+        flag.fill_(0 if out is _EXHAUSTED else 1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+        if bool(flag[0]):
+            yield out
+            continue
+        if out is not _EXHAUSTED:
+            left = 1 + sum(1 for _ in it)  # count what this rank leaves behind, so nothing goes unreported
+            loader.batches_left_behind += left
+            warnings.warn(
+                f"rank {torch.distributed.get_rank()} ends epoch {epoch} with {left} batch(es) unused because another "
+                "rank ran out of data (shards of unequal size): write shards of equal size, or at least as many "
+                "shards as ranks x workers, to use every sample",
+                DataWarning,
+                stacklevel=2,
+            )
+        return
