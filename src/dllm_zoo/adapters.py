@@ -79,6 +79,7 @@ __all__ = [
     "merge_adapter",
     "merge_and_export",
     "quantize_nf4",
+    "reset_adapter_parameters",
 ]
 
 QuantizeMode = Literal["nf4"]
@@ -376,6 +377,17 @@ def apply_lora(backbone: Backbone, config: LoRA, device: torch.device | str | No
             p.data = p.data.float()  # peft creates them in the base dtype (bf16 for real checkpoints)
         p.requires_grad_(True)
     return backbone
+
+
+def reset_adapter_parameters(module: nn.Module) -> None:
+    """Re-initialise every LoRA factor inside ``module`` as at injection (``A`` random, ``B`` zero).
+
+    For a backbone whose ``reset_parameters`` also reached the LoRA layers (a fresh init after meta-device
+    sharding): the adapter must start at ``B = 0`` so the adapted model starts as its base.
+    """
+    for layer in adapter_layers(module):
+        for name in layer.lora_A:
+            layer.reset_lora_parameters(name, True)
 
 
 @contextmanager

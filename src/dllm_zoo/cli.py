@@ -12,8 +12,28 @@ def _summary(cls: type) -> str:
     return doc[0] if doc else ""
 
 
+def _convert_checkpoint(args: argparse.Namespace) -> int:
+    import torch
+
+    from dllm_zoo import registry
+    from dllm_zoo.parallel import convert_checkpoint
+
+    cls = registry.resolve("backbone", args.backbone)
+    if args.pretrained is not None and args.preset is not None:
+        raise SystemExit("convert-checkpoint: pass --preset or --pretrained, not both")
+    if args.pretrained is not None:
+        backbone = cls(pretrained=args.pretrained)
+    else:  # the checkpoint replaces every weight: allocate, never initialise (an 8B init costs minutes)
+        with torch.device("meta"):
+            backbone = cls(config=args.preset)
+        backbone.to_empty(device="cpu")
+    out = convert_checkpoint(args.checkpoint, args.out, backbone)
+    print(f"wrote {out} ({type(backbone).__name__}, original layout)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``dllm-zoo list [axis]``."""
+    """Entry point: ``dllm-zoo list [axis]``, ``dllm-zoo convert-checkpoint CKPT OUT --backbone …``."""
     import dllm_zoo  # noqa: F401  (imports every built-in component)
     from dllm_zoo import registry
 
@@ -21,8 +41,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="list the components of one axis, or of all")
     p_list.add_argument("axis", nargs="?", choices=sorted(registry.AXES), help="component axis")
+    p_conv = sub.add_parser(
+        "convert-checkpoint",
+        help="sharded (FSDP2) stage checkpoint -> the backbone's original layout (config.json + safetensors)",
+    )
+    p_conv.add_argument("checkpoint", help="the checkpoint directory (…/checkpoints/last.ckpt/ with meta.pt)")
+    p_conv.add_argument("out", help="output directory")
+    p_conv.add_argument("--backbone", required=True, help="backbone class (e.g. LLaDABackbone, SDARBackbone)")
+    p_conv.add_argument("--preset", default=None, help="size preset the run trained (e.g. tiny, llada-8b)")
+    p_conv.add_argument("--pretrained", default=None, help="or: the checkpoint directory the run started from")
     args = parser.parse_args(argv)
 
+    if args.command == "convert-checkpoint":
+        return _convert_checkpoint(args)
     if args.command == "list":
         for axis in [args.axis] if args.axis else sorted(registry.AXES):
             print(f"{axis}:")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -15,6 +16,7 @@ from dllm_zoo.adapters import LoRA, apply_lora, disable_adapter, has_adapter
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.data.packing import packed_sample_ids
 from dllm_zoo.losses.masked_diffusion import LossOutput, MaskedDiffusionLoss
+from dllm_zoo.parallel import FSDP2Strategy, is_sharded, shard_backbone
 from dllm_zoo.schedules.base import NoisedBatch, NoiseSchedule
 from dllm_zoo.stages.optim import OptimConfig, build_optimizer
 from dllm_zoo.tokenizers.layout import TokenLayout
@@ -66,15 +68,37 @@ class DiffusionStage(L.LightningModule):
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
-        """Build the backbone (once) and check it against the data's token layout."""
+        """Build the backbone (once), check it against the data's token layout, inject the adapter, and shard.
+
+        Under a ``ModelParallelStrategy`` (:class:`~dllm_zoo.parallel.FSDP2Strategy`) a fresh backbone is built on
+        the meta device and materialised shard by shard after ``fully_shard`` (see :mod:`dllm_zoo.parallel`).
+        """
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        sharded = isinstance(strategy, ModelParallelStrategy)
         if self.backbone is None:
             assert self.backbone_factory is not None  # __init__ stores a factory whenever it got no instance
-            built = self.backbone_factory()
+            with torch.device("meta") if sharded else nullcontext():
+                built = self.backbone_factory()  # `pretrained` weights are loaded for real even under meta
             if not isinstance(built, Backbone):
                 raise TypeError(f"--model.backbone must build a dllm_zoo Backbone, got {type(built).__name__}")
             self.backbone = built
         self._check_layout()
         self._apply_adapter()
+        if sharded and not is_sharded(self.backbone):
+            assert isinstance(strategy, ModelParallelStrategy)
+            policy = strategy.sharding if isinstance(strategy, FSDP2Strategy) else None
+            assert self.device_mesh is not None  # set by the strategy before configure_model
+            if self.device_mesh["tensor_parallel"].size() > 1:
+                # Lightning's plain ModelParallelStrategy defaults to tensor parallelism inside a node; the backbones
+                # have no tensor-parallel plan, so each rank would silently train its own unsynchronised copy.
+                raise ValueError(
+                    f"--trainer.strategy: tensor_parallel_size={self.device_mesh['tensor_parallel'].size()} is not "
+                    "supported (the backbones have no tensor-parallel plan). Use "
+                    "--trainer.strategy dllm_zoo.parallel.FSDP2Strategy (recipes/configs/strategies/fsdp2.yaml), or "
+                    "ModelParallelStrategy with data_parallel_size=<world size> and tensor_parallel_size=1"
+                )
+            mesh = self.device_mesh["data_parallel"]
+            shard_backbone(self.backbone, mesh, policy, device=strategy.root_device, seed=self.seed)
 
     def _apply_adapter(self) -> None:
         """Inject ``self.adapter`` into the built backbone, once (``configure_model`` may run several times).
@@ -227,17 +251,20 @@ class DiffusionStage(L.LightningModule):
         """With an adapter on a pretrained base, keep only the adapter's tensors (the frozen base is not saved).
 
         The base is rebuilt from ``--model.backbone`` (the same ``pretrained`` directory) when the run resumes; an
-        8B LoRA checkpoint is then megabytes, not 16 GB. A base initialised here (no ``pretrained``) is saved with
-        the adapter, since nothing could rebuild it, except under QLoRA: bitsandbytes' 4-bit weights cannot be
-        loaded back through ``load_state_dict``, so that base is rebuilt from the recipe's seed (and a warning says
-        so on resume).
+        8B LoRA checkpoint is then megabytes, not 16 GB. Sharded (FSDP2) checkpoints keep everything. A base
+        initialised here (no ``pretrained``) is saved with the adapter, since nothing could rebuild it, except under
+        QLoRA: bitsandbytes' 4-bit weights cannot be loaded back through ``load_state_dict``, so that base is
+        rebuilt from the recipe's seed (and a warning says so on resume).
         """
         if self.backbone is None or not has_adapter(self.backbone):
             return
         base = self.net.pretrained_from
         quantized = self.adapter is not None and self.adapter.quantize is not None
         state = checkpoint["state_dict"]
-        dropped = self._frozen_backbone_keys() & set(state) if base is not None or quantized else set()
+        # Sharded checkpoints keep the base: each rank writes only its shards, and the distributed loader restores
+        # the module's full key set.
+        drop = (base is not None or quantized) and not is_sharded(self.net)
+        dropped = self._frozen_backbone_keys() & set(state) if drop else set()
         for key in dropped:
             del state[key]
         checkpoint[ADAPTER_CHECKPOINT_KEY] = {
