@@ -37,29 +37,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from dllm_zoo.backbones.base import Backbone
+from dllm_zoo.backbones.transformer import WeightDType, weight_dtype
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["FSDP2Strategy", "ShardingPolicy", "convert_checkpoint", "is_sharded", "shard_backbone"]
-
-DTypeName = Literal["float32", "bfloat16", "float16"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _dtype(name: str | None, flag: str) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in _DTYPES:
-        raise ValueError(f"{flag}={name!r} is not a dtype name: use one of {sorted(_DTYPES)} or null")
-    return _DTYPES[name]
+__all__ = ["BlockFSDPStrategy", "FSDP2Strategy", "ShardingPolicy", "convert_checkpoint", "is_sharded", "shard_backbone"]
 
 
 class ShardingPolicy:
@@ -78,13 +68,13 @@ class ShardingPolicy:
 
     def __init__(
         self,
-        param_dtype: DTypeName | None = None,
-        reduce_dtype: DTypeName | None = None,
+        param_dtype: WeightDType | None = None,
+        reduce_dtype: WeightDType | None = None,
         cpu_offload: bool = False,
         reshard_after_forward: bool = True,
     ) -> None:
-        self.param_dtype = _dtype(param_dtype, "--trainer.strategy.init_args.param_dtype")
-        self.reduce_dtype = _dtype(reduce_dtype, "--trainer.strategy.init_args.reduce_dtype")
+        self.param_dtype = weight_dtype(param_dtype, "--trainer.strategy.init_args.param_dtype")
+        self.reduce_dtype = weight_dtype(reduce_dtype, "--trainer.strategy.init_args.reduce_dtype")
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward
 
@@ -118,8 +108,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def __init__(
         self,
-        param_dtype: DTypeName | None = None,
-        reduce_dtype: DTypeName | None = None,
+        param_dtype: WeightDType | None = None,
+        reduce_dtype: WeightDType | None = None,
         cpu_offload: bool = False,
         reshard_after_forward: bool = True,
         save_distributed_checkpoint: bool = True,
@@ -140,6 +130,35 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+
+class BlockFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` (FSDP1, flat parameters) wrapping each transformer block of every backbone.
+
+    The wrap policy is found when the model is set up: the classes of the modules in each backbone's
+    ``transformer_blocks()`` (``LLaDABlock``, ``SDARDecoderLayer``, or a user family's), so no class names go into
+    YAML. ``use_orig_params=True`` by default, which LoRA needs (frozen and trainable parameters share a block).
+    Prefer :class:`FSDP2Strategy` (per-parameter sharding, meta-device init, distributed checkpoints that reshard);
+    this one is for setups pinned to FSDP1. Activation checkpointing: use the backbone's own
+    ``gradient_checkpointing`` flag.
+
+    Args:
+        **kwargs: Any ``FSDPStrategy`` argument (``sharding_strategy``, ``cpu_offload``, ``state_dict_type``, …);
+            an explicit ``auto_wrap_policy`` replaces the per-block policy.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("use_orig_params", True)
+        super().__init__(**kwargs)
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        if "auto_wrap_policy" not in self.kwargs:
+            blocks = {type(b) for m in model.modules() if isinstance(m, Backbone) for b in m.transformer_blocks()}
+            if blocks:
+                self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(blocks)
+        return super()._setup_model(model)
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from dllm_zoo.adapters import LoRA
 from dllm_zoo.backbones import LLaDABackbone
-from dllm_zoo.parallel import FSDP2Strategy
+from dllm_zoo.parallel import BlockFSDPStrategy, FSDP2Strategy
 from dllm_zoo.schedules import LinearSchedule
 from dllm_zoo.schedules.base import NoisedBatch
 from dllm_zoo.stages import MaskedDiffusionPretraining, OptimConfig
@@ -101,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--base", required=True, help="pretrained tiny LLaDA directory both runs start from")
-    parser.add_argument("--strategy", choices=["fsdp2", "model_parallel", "single"], required=True)
+    parser.add_argument("--strategy", choices=["fsdp2", "fsdp", "ddp", "model_parallel", "single"], required=True)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--ckpt-dir", default=None)
@@ -124,7 +124,13 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy={"fsdp2": FSDP2Strategy(), "model_parallel": ModelParallelStrategy(), "single": "auto"}[args.strategy],
+        strategy={
+            "fsdp2": FSDP2Strategy(),
+            "fsdp": BlockFSDPStrategy(),
+            "ddp": "ddp",
+            "model_parallel": ModelParallelStrategy(),
+            "single": "auto",
+        }[args.strategy],
         max_epochs=args.epochs,
         default_root_dir=args.out,
         enable_checkpointing=bool(args.ckpt_dir),

@@ -1,7 +1,7 @@
-"""FSDP2 for real on CPU: 2 processes over gloo against 1 process, sharding, resharded resume, HF conversion.
+"""FSDP2 (and DDP) for real on CPU: 2 processes over gloo against 1, sharding, resharded resume, HF conversion.
 
 Each run is a subprocess (``fsdp_train.py``): Lightning starts the second rank by running the script again,
-which it cannot do with pytest. About 35 s on 2 cores.
+which it cannot do with pytest. About 45 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -71,6 +71,14 @@ def test_two_processes_train_like_one(runs: dict) -> None:
         mean = (ranks[0]["losses"][step] + ranks[1]["losses"][step]) / 2
         assert mean == pytest.approx(single["losses"][step], abs=1e-5), step
     assert ranks[0]["losses"]["1"] != pytest.approx(ranks[1]["losses"]["1"], abs=1e-3)  # really different halves
+
+
+def test_ddp_on_two_processes_trains_like_one_and_like_fsdp2(runs: dict, tmp_path: Path) -> None:
+    ranks = run(tmp_path / "ddp", runs["root"] / "base", "--strategy", "ddp", "--devices", "2")
+    for rank, sharded in zip(ranks, runs["fsdp2"]):
+        assert rank["layout"]["dtensors"] == 0  # replicas, not shards
+        for step, loss in rank["losses"].items():
+            assert loss == pytest.approx(sharded["losses"][step], abs=1e-5), step
 
 
 def test_parameters_are_sharded_over_the_two_ranks(runs: dict) -> None:

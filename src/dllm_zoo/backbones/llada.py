@@ -39,6 +39,7 @@ from dllm_zoo.backbones.transformer import (
     LAYOUT_KEY,
     TransformerBackbone,
     TransformerConfig,
+    WeightDType,
     attend,
     check_layout,
     gather_rows,
@@ -428,6 +429,8 @@ class LLaDABackbone(TransformerBackbone[LLaDAConfig]):
         pretrained: A checkpoint directory (config.json + safetensors, original layout) to load, so that YAML
             ``init_args: {pretrained: /dir}`` works. Weights keep their stored dtype.
         gradient_checkpointing: Recompute each block in the backward pass while training.
+        dtype: Weight dtype (``float32`` / ``bfloat16`` / ``float16``); ``None`` keeps a checkpoint's stored dtype
+            (fresh weights: float32). Full fine-tuning of a bf16 release wants ``float32`` master weights.
 
     Example:
         >>> model = LLaDABackbone("tiny")
@@ -455,8 +458,9 @@ class LLaDABackbone(TransformerBackbone[LLaDAConfig]):
         layout: TokenLayout | str | None = None,
         pretrained: str | None = None,
         gradient_checkpointing: bool = False,
+        dtype: WeightDType | None = None,
     ) -> None:
-        super().__init__(config, layout, pretrained, gradient_checkpointing)
+        super().__init__(config, layout, pretrained, gradient_checkpointing, dtype)
 
     def _build_model(self, config: LLaDAConfig) -> None:
         self.model = LLaDAModel(config)

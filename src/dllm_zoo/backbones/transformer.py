@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -298,6 +298,23 @@ def _select(h: Tensor, logits_at: Tensor | None) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ backbone
+WeightDType = Literal["float32", "bfloat16", "float16"]
+_WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weight_dtype(name: str | None, flag: str = "--model.init_args.backbone.init_args.dtype") -> torch.dtype | None:
+    """The torch dtype of a dtype name (``None`` stays ``None``).
+
+    Raises:
+        ValueError: naming ``flag`` for an unknown name.
+    """
+    if name is None:
+        return None
+    if name not in _WEIGHT_DTYPES:
+        raise ValueError(f"{flag}={name!r}: use one of {sorted(_WEIGHT_DTYPES)} or null")
+    return _WEIGHT_DTYPES[name]
+
+
 ConfigT = TypeVar("ConfigT", bound=TransformerConfig)
 _B = TypeVar("_B", bound="TransformerBackbone[Any]")
 
@@ -313,6 +330,8 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
         pretrained: A checkpoint directory (config.json + safetensors, original layout) to load, so that YAML
             ``init_args: {pretrained: /dir}`` works. Weights keep their stored dtype.
         gradient_checkpointing: Recompute each block in the backward pass while training.
+        dtype: Weight dtype (``float32`` / ``bfloat16`` / ``float16``); ``None`` keeps a checkpoint's stored dtype
+            (fresh weights: float32). Full fine-tuning of a bf16 release wants ``float32`` master weights.
     """
 
     config_class: ClassVar[type[TransformerConfig]]
@@ -324,10 +343,12 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
         layout: TokenLayout | str | None = None,
         pretrained: str | None = None,
         gradient_checkpointing: bool = False,
+        dtype: WeightDType | None = None,
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
         family = self.config_class
+        torch_dtype = weight_dtype(dtype)
         if pretrained is not None:
             if config is not None:
                 raise ValueError(
@@ -337,7 +358,7 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
             cfg, lay = self._pretrained_config(pretrained, layout, {})
             with torch.device("meta"):  # no allocation: the checkpoint tensors are assigned as parameters
                 self._build(cfg, lay)
-            self._load_weights(pretrained)
+            self._load_weights(pretrained, dtype=torch_dtype)
             return
         if config is None:
             config = "tiny"
@@ -357,6 +378,8 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
         assert resolved is not None
         self._build(cfg, resolved)
         self.reset_parameters()
+        if torch_dtype is not None:
+            self.to(torch_dtype)
 
     # ---------------------------------------------------------------------------------- family hooks
     @abstractmethod
