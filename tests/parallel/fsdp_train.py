@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--fresh", action="store_true", help="random init (meta device) instead of --base")
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter")
+    parser.add_argument("--offload", action="store_true", help="FSDP2 CPU offload of shards, grads and optimizer")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -125,7 +126,7 @@ def main() -> None:
         accelerator="cpu",
         devices=args.devices,
         strategy={
-            "fsdp2": FSDP2Strategy(),
+            "fsdp2": FSDP2Strategy(cpu_offload=args.offload),
             "fsdp": BlockFSDPStrategy(),
             "ddp": "ddp",
             "model_parallel": ModelParallelStrategy(),

@@ -120,8 +120,8 @@ def test_sharded_checkpoint_converts_to_the_original_layout(runs: dict, capsys: 
         cli_main(["convert-checkpoint", str(root), str(root / "bad"), "--backbone", "LLaDABackbone"])
 
 
-def test_fresh_init_on_the_meta_device_with_lora(tmp_path: Path) -> None:
-    ranks = run(tmp_path / "lora", tmp_path, "--strategy", "fsdp2", "--devices", "2", "--fresh", "--lora")
+def test_fresh_init_on_the_meta_device_with_lora_and_cpu_offload(tmp_path: Path) -> None:
+    ranks = run(tmp_path / "lora", tmp_path, "--strategy", "fsdp2", "--devices", "2", "--fresh", "--lora", "--offload")
     assert len(ranks) == 2
     for rank in ranks:
         layout = rank["layout"]
