@@ -29,6 +29,7 @@ from dllm_zoo.backbones import LLaDABackbone, SDARBackbone
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.data import TextDiffusionDataModule
 from dllm_zoo.data.synthetic import Arithmetic
+from dllm_zoo.samplers import BlockSampler, LLaDASampler
 from dllm_zoo.stages import BlockDiffusionSFT, MaskedDiffusionPretraining, OptimConfig
 from dllm_zoo.stages.base import ADAPTER_CHECKPOINT_KEY
 from dllm_zoo.stages.optim import build_optimizer, param_groups
@@ -272,3 +273,26 @@ def test_adapter_checkpoints_resume_exactly(
     wrong = MaskedDiffusionPretraining(backbone=lambda: backbone(0), adapter=LoRA(rank=8, quantize=quantize))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"another adapter: set --model.adapter to match it: rank=4 \(now 8\)"):
         trainer(tmp_path / "c", []).fit(wrong, datamodule=data(), ckpt_path=str(path))
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize(
+    ("family", "make_sampler"),
+    [
+        pytest.param(
+            LLaDABackbone, lambda: LLaDASampler(gen_length=16, block_length=8, steps=8, cache="dual"), id="llada"
+        ),
+        pytest.param(SDARBackbone, lambda: BlockSampler(gen_length=16, block_length=4, denoising_steps=2), id="sdar"),
+    ],
+)
+def test_samplers_decode_an_adapted_backbone_like_its_merged_export(family, make_sampler, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    net = apply_lora(tiny(family)(), LoRA(rank=4, alpha=8.0)).eval()
+    randomize_lora(net, std=0.3)
+    prompt = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        adapted = make_sampler().generate(net, prompt).tokens
+        merged = make_sampler().generate(family.from_pretrained(merge_and_export(net, tmp_path / "m")).eval(), prompt)
+        with disable_adapter(net):
+            base = make_sampler().generate(net, prompt).tokens
+    assert torch.equal(adapted, merged.tokens)
+    assert not torch.equal(adapted, base)  # the adapter changes what is decoded
