@@ -349,8 +349,9 @@ def apply_lora(backbone: Backbone, config: LoRA, device: torch.device | str | No
 
     Returns:
         ``backbone`` itself: same class and contract, LoRA layers inside, ``A`` random and ``B`` zero, so its output
-        is unchanged until the adapter trains. LoRA factors are kept in float32 (master weights under mixed
-        precision) whatever the base dtype.
+        is unchanged until the adapter trains. LoRA factors are created in float32 (master weights under
+        ``bf16-mixed``) whatever the base dtype; Lightning's ``bf16-true`` precision casts the whole module, factors
+        included, to bf16 afterwards.
 
     Raises:
         ValueError: when ``backbone`` already has an adapter, or on bad ``target_modules`` (:func:`lora_targets`).

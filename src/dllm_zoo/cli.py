@@ -33,7 +33,7 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``dllm-zoo list [axis]``, ``dllm-zoo convert-checkpoint CKPT OUT --backbone …``."""
+    """Entry point: ``dllm-zoo list [axis]``, ``convert-checkpoint CKPT OUT --backbone …``, ``estimate-memory …``."""
     import dllm_zoo  # noqa: F401  (imports every built-in component)
     from dllm_zoo import registry
 
@@ -50,7 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_conv.add_argument("--backbone", required=True, help="backbone class (e.g. LLaDABackbone, SDARBackbone)")
     p_conv.add_argument("--preset", default=None, help="size preset the run trained (e.g. tiny, llada-8b)")
     p_conv.add_argument("--pretrained", default=None, help="or: the checkpoint directory the run started from")
+    from dllm_zoo import memory
+
+    p_mem = sub.add_parser("estimate-memory", help="per-device training memory: weights, grads, AdamW, activations")
+    memory.add_arguments(p_mem)
     args = parser.parse_args(argv)
+
+    if args.command == "estimate-memory":
+        return memory.run_cli(args)
 
     if args.command == "convert-checkpoint":
         return _convert_checkpoint(args)
