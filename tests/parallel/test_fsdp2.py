@@ -152,3 +152,33 @@ def test_plain_model_parallel_strategy_with_tensor_parallel_ranks_is_refused(tmp
     assert proc.returncode != 0
     assert "tensor_parallel_size=2 is not supported" in proc.stderr
     assert "dllm_zoo.parallel.FSDP2Strategy" in proc.stderr
+
+
+def test_sdar_recipe_runs_under_the_fsdp2_fragment_on_two_processes(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    args = [
+        *("fit", "--config", str(root / "recipes" / "configs" / "strategies" / "fsdp2.yaml")),
+        *("--trainer.devices=2", "--trainer.accelerator=cpu"),
+        *("--trainer.strategy.init_args.param_dtype=null", "--trainer.strategy.init_args.reduce_dtype=null"),
+        *("--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1"),
+        "--trainer.log_every_n_steps=1",
+        *("--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"),
+        *("--model.optim.warmup_steps=1", "--data.batch_size=4", f"--data.cache_dir={tmp_path / 'cache'}"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(root / "recipes" / "sdar.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = tmp_path / "runs" / "tiny_arithmetic" / "version_0"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    assert {"val/accuracy", "val/loss", "train/loss"} <= set(events.Tags()["scalars"])  # TaskAccuracy ran sharded
+    shards = sorted(p.name for p in (version / "checkpoints" / "last.ckpt").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]

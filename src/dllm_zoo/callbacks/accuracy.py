@@ -70,5 +70,6 @@ class TaskAccuracy(Callback):
             net, tokenizer, self.sampler, task, limit=self.limit, batch_size=self.batch_size, chat=chat
         )
         net.train(was_training)
-        pl_module.log("val/accuracy", report.accuracy, prog_bar=True)
-        pl_module.log("val/sample_tokens_per_s", report.tokens_per_second)
+        # Identical on every rank (same questions, same weights); sync_dist makes that explicit to Lightning.
+        pl_module.log("val/accuracy", report.accuracy, prog_bar=True, sync_dist=True)
+        pl_module.log("val/sample_tokens_per_s", report.tokens_per_second, sync_dist=True)

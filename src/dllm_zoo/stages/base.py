@@ -234,8 +234,9 @@ class DiffusionStage(L.LightningModule):
         """Loss on held-out data with masks that depend only on ``batch_idx`` (comparable across runs)."""
         out = self.forward_loss(batch, batch_idx, stream=1, per_step=False)
         bs = batch["input_ids"].shape[0]
-        self.log("val/loss", out.loss, prog_bar=True, batch_size=bs)
-        self.log("val/ce", out.ce, batch_size=bs)
+        # Each rank validates its own share: average over ranks (one all-reduce per key at epoch end).
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val/ce", out.ce, batch_size=bs, sync_dist=True)
 
     # ------------------------------------------------------------ checkpoints
     def _frozen_backbone_keys(self) -> set[str]:
