@@ -75,6 +75,7 @@ __all__ = [
     "apply_lora",
     "disable_adapter",
     "has_adapter",
+    "is_quantized",
     "lora_targets",
     "merge_adapter",
     "merge_and_export",
@@ -181,16 +182,12 @@ def _is_linear4bit(module: nn.Module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` holds bitsandbytes 4-bit layers (a QLoRA base)."""
+    return any(_is_linear4bit(m) for m in module.modules())
+
+
 # ------------------------------------------------------------------------------------------------ targets
-def _blocks_prefix(backbone: Backbone) -> str:
-    """Name of ``backbone.transformer_blocks()`` in the backbone (``model.transformer.blocks``, ``model.layers``)."""
-    blocks = backbone.transformer_blocks()
-    for name, module in backbone.named_modules():
-        if module is blocks:
-            return name
-    raise ValueError(f"{type(backbone).__name__}.transformer_blocks() is not a submodule of the backbone")
-
-
 def lora_targets(backbone: Backbone, target_modules: Sequence[str] | None = None) -> list[str]:
     """Full names (relative to ``backbone``) of the Linear layers an adapter with ``target_modules`` adapts.
 
@@ -214,7 +211,7 @@ def lora_targets(backbone: Backbone, target_modules: Sequence[str] | None = None
             f"{family} defines no lora_target_modules: set --model.adapter.target_modules to names of Linear layers "
             f"in its transformer blocks"
         )
-    prefix = _blocks_prefix(backbone)
+    prefix = backbone.transformer_blocks_name()
     linear: list[tuple[int, str]] = []  # (block index, path inside the block)
     other: dict[str, str] = {}  # path inside a block -> type name, for errors
     for i, block in enumerate(backbone.transformer_blocks()):
@@ -291,7 +288,7 @@ def quantize_nf4(backbone: Backbone, double_quant: bool = True, device: torch.de
         ValueError: when a weight is on the meta device.
     """
     quantised: list[str] = []
-    prefix = _blocks_prefix(backbone)
+    prefix = backbone.transformer_blocks_name()
     for i, block in enumerate(backbone.transformer_blocks()):
         for path, module in list(block.named_modules()):
             if not isinstance(module, nn.Linear) or _is_linear4bit(module):

@@ -275,7 +275,7 @@ def inventory(config: TransformerConfig, adapter: LoRA | None = None) -> ModelIn
     other = sum(p.numel() for p in first.parameters() if id(p) not in linear_ids)
     lora: list[tuple[int, str, int, int]] = []
     if adapter is not None:
-        prefix_len = len(_blocks_name(model)) + 1
+        prefix_len = len(model.transformer_blocks_name()) + 1
         for name in lora_targets(model, adapter.target_modules):
             block, _, path = name[prefix_len:].partition(".")
             module = model.get_submodule(name)
@@ -301,14 +301,6 @@ def inventory(config: TransformerConfig, adapter: LoRA | None = None) -> ModelIn
         lora_shapes=tuple(lora),
         lora_rank=adapter.rank if adapter is not None else 0,
     )
-
-
-def _blocks_name(model: nn.Module) -> str:
-    blocks = model.transformer_blocks()  # type: ignore[operator]
-    for name, module in model.named_modules():
-        if module is blocks:
-            return name
-    raise ValueError("transformer_blocks() is not a submodule of the backbone")
 
 
 # ------------------------------------------------------------------------------------------------------ NF4

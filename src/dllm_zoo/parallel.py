@@ -194,9 +194,9 @@ def shard_backbone(
     """
     from torch.distributed.fsdp import fully_shard
 
-    from dllm_zoo.adapters import reset_adapter_parameters
+    from dllm_zoo.adapters import is_quantized, reset_adapter_parameters
 
-    if any(type(p).__name__ == "Params4bit" for p in backbone.parameters()):
+    if is_quantized(backbone):
         raise ValueError(
             "QLoRA (--model.adapter.quantize=nf4) cannot be sharded with FSDP2: bitsandbytes' 4-bit weights cannot "
             "become DTensor shards. Use LoRA (quantize: null) with FSDP2, or QLoRA on one device."

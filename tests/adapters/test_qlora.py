@@ -11,7 +11,7 @@ from adapter_helpers import EXPECTED_TARGETS, FAMILIES, fixed_batch, randomize_l
 from safetensors import safe_open
 from torch import nn
 
-from dllm_zoo.adapters import LoRA, adapter_layers, adapter_parameters, apply_lora, merge_and_export
+from dllm_zoo.adapters import LoRA, adapter_layers, adapter_parameters, apply_lora, is_quantized, merge_and_export
 from dllm_zoo.backbones import LLaDABackbone
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.stages import MaskedDiffusionPretraining, OptimConfig
@@ -104,5 +104,7 @@ def test_merge_and_export_dequantises_into_the_original_layout(family: type[Back
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118  # dequantised to the original dtype
     reloaded = family.from_pretrained(out).eval()
     torch.testing.assert_close(reloaded(x).logits, adapted, rtol=1e-5, atol=1e-5)
+    assert not is_quantized(reloaded)
+    assert is_quantized(net)
     assert all(isinstance(layer, bnb.nn.Linear4bit) for layer in block_linears(net).values())  # still QLoRA
     torch.testing.assert_close(net(x).logits, adapted, rtol=0, atol=0)

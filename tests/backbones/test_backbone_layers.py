@@ -138,3 +138,12 @@ def test_to_sdpa_mask_validation():
         to_sdpa_mask(torch.zeros(2, 1, 4, 4), 2, 4)
     with pytest.raises(ValueError, match=r"\[B, L\] \(key padding\) or \[B, 1, L, L\]"):
         to_sdpa_mask(torch.ones(2, 4, 4), 2, 4)
+
+
+def test_transformer_blocks_name_points_at_the_blocks() -> None:
+    from dllm_zoo.backbones import LLaDABackbone, SDARBackbone
+
+    llada, sdar = LLaDABackbone("tiny"), SDARBackbone("tiny")
+    assert llada.transformer_blocks_name() == "model.transformer.blocks"
+    assert sdar.transformer_blocks_name() == "model.layers"
+    assert sdar.get_submodule(sdar.transformer_blocks_name()) is sdar.transformer_blocks()

@@ -92,6 +92,18 @@ class Backbone(nn.Module, ABC):
     def transformer_blocks(self) -> nn.ModuleList:
         """The repeated transformer blocks, in order."""
 
+    def transformer_blocks_name(self) -> str:
+        """Where :meth:`transformer_blocks` sits in the module tree (``model.transformer.blocks``, ``model.layers``).
+
+        Raises:
+            ValueError: when ``transformer_blocks()`` returns a list that is not a submodule of the backbone.
+        """
+        blocks = self.transformer_blocks()
+        for name, module in self.named_modules():
+            if module is blocks:
+                return name
+        raise ValueError(f"{type(self).__name__}.transformer_blocks() is not a submodule of the backbone")
+
     @abstractmethod
     def output_head(self) -> nn.Linear:
         """The vocabulary projection (``D -> V``)."""

@@ -240,13 +240,10 @@ class DiffusionStage(L.LightningModule):
 
     # ------------------------------------------------------------ checkpoints
     def _frozen_backbone_keys(self) -> set[str]:
-        """State-dict keys (of this stage) of the backbone's frozen tensors, under every name it is registered as."""
+        """State-dict keys (of this stage) of the backbone's frozen tensors."""
         net = self.net
         trainable = {id(p) for p in net.parameters() if p.requires_grad}  # the adapter, plus anything user-unfrozen
-        own = net.state_dict(keep_vars=True)
-        frozen = [k for k, v in own.items() if id(v) not in trainable]
-        prefixes = [name for name, child in self._modules.items() if child is net]
-        return {f"{prefix}.{key}" for prefix in prefixes for key in frozen}
+        return {f"backbone.{k}" for k, v in net.state_dict(keep_vars=True).items() if id(v) not in trainable}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """With an adapter on a pretrained base, keep only the adapter's tensors (the frozen base is not saved).
