@@ -24,6 +24,11 @@ def test_every_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture
     expected = {
         "pretrain": ("LLaDABackbone", "MaskedDiffusionPretraining"),
         "sdar": ("SDARBackbone", "BlockDiffusionSFT"),
+        "mmada": (
+            "LLaDABackbone",
+            "MultiTaskDataModule",
+            "MMaDAPretraining" if "cot" not in config.name else "MixedCoTSFT",
+        ),
     }
     for name in expected[recipe]:
         assert name in printed
@@ -76,4 +81,54 @@ def test_sdar_recipe_runs_a_few_steps_and_logs_accuracy(tmp_path: Path) -> None:
     events = EventAccumulator(str(version))
     events.Reload()
     assert "val/accuracy" in events.Tags()["scalars"]
+    assert (version / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_mmada_recipe_runs_a_few_steps_and_logs_generation_metrics_and_images(tmp_path: Path) -> None:
+    small_eval = tmp_path / "eval.yaml"
+    small_eval.write_text(
+        """
+trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {save_last: true}
+    - class_path: dllm_zoo.callbacks.MultimodalEvaluation
+      init_args:
+        t2i_sampler:
+          class_path: dllm_zoo.samplers.MaskGITSampler
+          init_args: {num_image_tokens: 81, steps: 2, codebook_size: 16}
+        text_sampler:
+          class_path: dllm_zoo.samplers.LLaDASampler
+          init_args: {gen_length: 8, block_length: 8, steps: 2}
+        limit: 4
+        batch_size: 4
+        log_images: 4
+"""
+    )
+    recipe_main("mmada")(
+        [
+            "fit",
+            "--config",
+            str(small_eval),
+            "--trainer.log_every_n_steps=1",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--model.init_args.backbone.init_args.config=tiny",
+            "--model.optim.warmup_steps=2",
+            "--data.init_args.tasks.t2i.batch_size=2",
+            "--data.init_args.tasks.lm.batch_size=2",
+            "--data.init_args.tasks.mmu.batch_size=2",
+        ]
+    )
+    version = tmp_path / "tiny_shapes" / "version_0"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"val/t2i_alignment", "val/t2i_f1", "val/mmu_accuracy", "val/text_accuracy", "train/t2i_loss"} <= scalars
+    assert "val/t2i_samples" in events.Tags()["images"]
     assert (version / "checkpoints" / "last.ckpt").is_file()

@@ -69,25 +69,36 @@ def _tmp_name(path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-def checkpoint_files(path: str | Path) -> tuple[list[Path], dict[str, str] | None]:
+def checkpoint_files(
+    path: str | Path,
+    *,
+    weights_names: Sequence[str] = (WEIGHTS_NAME,),
+    index_name: str | None = INDEX_NAME,
+) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a checkpoint directory.
 
     Args:
         path: Checkpoint directory.
+        weights_names: Single-file names to look for, in order of preference (the first one present is used);
+            default ``model.safetensors``. Other layouts (e.g. diffusers' ``diffusion_pytorch_model.safetensors``)
+            pass their own.
+        index_name: Shard index file name, or ``None`` to accept single files only (a stray index of another
+            model in the same directory is then ignored).
 
     Returns:
         ``(files, weight_map)``: the data files, and the index's key -> file name map (``None`` for a single
-        ``model.safetensors``). The index wins when both exist (see the module docstring for why).
+        file). The index wins when both exist (see the module docstring for why).
 
     Raises:
-        FileNotFoundError: naming the directory, the index or the missing shard.
+        FileNotFoundError: naming the directory, the index or the missing shard; when nothing is found, the
+            message lists every name tried.
         ValueError: naming the index when it is malformed.
     """
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} not found")
-    index = root / INDEX_NAME
-    if index.is_file():
+    index = root / index_name if index_name is not None else None
+    if index is not None and index.is_file():
         data = read_json(index)
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -97,11 +108,14 @@ def checkpoint_files(path: str | Path) -> tuple[list[Path], dict[str, str] | Non
             if not f.is_file():
                 raise FileNotFoundError(f"shard {f} listed in {index} not found")
         return files, dict(weight_map)
-    single = root / WEIGHTS_NAME
-    if single.is_file():
-        return [single], None
+    for name in weights_names:
+        single = root / name
+        if single.is_file():
+            return [single], None
+    tried = [*weights_names, *([index_name] if index_name is not None else [])]
+    names = " or ".join(tried) if len(tried) <= 2 else ", ".join(tried[:-1]) + " or " + tried[-1]
     found = sorted(p.name for p in root.iterdir())
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {root} (it holds {found})")
+    raise FileNotFoundError(f"no {names} in {root} (it holds {found})")
 
 
 def _open(file: Path) -> Any:
@@ -111,14 +125,24 @@ def _open(file: Path) -> Any:
         raise ValueError(f"cannot read safetensors file {file}: {err}") from err
 
 
-def read_shapes(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Path]]:
+def read_shapes(
+    path: str | Path,
+    *,
+    weights_names: Sequence[str] = (WEIGHTS_NAME,),
+    index_name: str | None = INDEX_NAME,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, Path]]:
     """Key -> shape and key -> file of every tensor in a checkpoint directory, reading headers only.
+
+    Args:
+        path: Checkpoint directory.
+        weights_names: Single-file names tried in order (see :func:`checkpoint_files`).
+        index_name: Shard index name, or ``None`` for single files only (see :func:`checkpoint_files`).
 
     Raises:
         ValueError: naming the file when a file is corrupt, when the index lists a key that its shard lacks, or
             when two files hold the same key.
     """
-    files, weight_map = checkpoint_files(path)
+    files, weight_map = checkpoint_files(path, weights_names=weights_names, index_name=index_name)
     shapes: dict[str, tuple[int, ...]] = {}
     where: dict[str, Path] = {}
     for file in files:
@@ -129,9 +153,10 @@ def read_shapes(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str,
                 shapes[key] = tuple(handle.get_slice(key).get_shape())
                 where[key] = file
     if weight_map is not None:
+        index = Path(path) / (index_name or INDEX_NAME)
         for key, name in weight_map.items():
             if key not in where or where[key].name != name:
-                raise ValueError(f"{Path(path) / INDEX_NAME} lists {key!r} in {name}, but that file does not hold it")
+                raise ValueError(f"{index} lists {key!r} in {name}, but that file does not hold it")
     return shapes, where
 
 
@@ -177,6 +202,8 @@ def load_state_dict(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    weights_names: Sequence[str] = (WEIGHTS_NAME,),
+    index_name: str | None = INDEX_NAME,
 ) -> dict[str, Tensor]:
     """Load every tensor of a (single or sharded) safetensors checkpoint directory.
 
@@ -186,6 +213,8 @@ def load_state_dict(
             headers before any data is read, so a wrong 16 GB checkpoint fails in milliseconds.
         device: Where the tensors are created.
         dtype: Cast floating-point tensors to this dtype (``None`` keeps the stored dtype).
+        weights_names: Single-file names tried in order (see :func:`checkpoint_files`).
+        index_name: Shard index name, or ``None`` for single files only (see :func:`checkpoint_files`).
 
     Returns:
         Key -> tensor.
@@ -194,7 +223,7 @@ def load_state_dict(
         FileNotFoundError: naming the missing directory / file.
         ValueError: naming the corrupt file, or listing missing / unexpected / mis-shaped keys.
     """
-    shapes, where = read_shapes(path)
+    shapes, where = read_shapes(path, weights_names=weights_names, index_name=index_name)
     if expected is not None:
         check_keys(expected, shapes, path, where)
     by_file: dict[Path, list[str]] = {}
@@ -215,6 +244,12 @@ def load_state_dict(
 
 
 # ---------------------------------------------------------------------------------------------------- writing
+def _refuse_meta(state_dict: Mapping[str, Tensor]) -> None:
+    for key, t in state_dict.items():
+        if t.is_meta:
+            raise ValueError(f"cannot save {key!r}: it is on the meta device (weights were never materialised)")
+
+
 def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
     """Split keys into shards in order, starting a new shard when the next tensor would overflow it.
 
@@ -257,9 +292,7 @@ def save_state_dict(
     """
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    for key, t in state_dict.items():
-        if t.is_meta:
-            raise ValueError(f"cannot save {key!r}: it is on the meta device (weights were never materialised)")
+    _refuse_meta(state_dict)
     sizes = [(k, t.numel() * t.element_size()) for k, t in state_dict.items()]
     shards = plan_shards(sizes, max_shard_size)
     n = len(shards)
@@ -293,3 +326,29 @@ def save_state_dict(
         if stale.name not in keep and (stale.name == WEIGHTS_NAME or _SHARD_RE.match(stale.name)):
             stale.unlink()
     return [root / name for name in names]
+
+
+def save_file_atomic(state_dict: Mapping[str, Tensor], file: str | Path) -> Path:
+    """Write ``state_dict`` to one safetensors ``file`` (any name) through a temporary file and a rename.
+
+    For single-file layouts with their own file name (e.g. ``pytorch_model.safetensors``); unlike
+    :func:`save_state_dict` it never shards and never touches other files of the directory.
+
+    Args:
+        state_dict: Key -> tensor (no meta tensors, no two keys sharing storage); copied to CPU.
+        file: Output file; its directory must exist.
+
+    Returns:
+        ``file``.
+    """
+    file = Path(file)
+    _refuse_meta(state_dict)
+    tmp = _tmp_name(file)
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in state_dict.items()}
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, file)
+    return file

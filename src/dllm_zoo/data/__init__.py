@@ -5,6 +5,19 @@
 
 from dllm_zoo.data.datamodule import TextDiffusionDataModule
 from dllm_zoo.data.loader import LoaderPosition, ResumableDataLoader
+from dllm_zoo.data.multimodal import (
+    BuildTaskRow,
+    MMUBuilder,
+    MultimodalBuilder,
+    R2IBuilder,
+    T2IBuilder,
+    collate_task_rows,
+    make_task_builder,
+    row_length,
+    t2i_prefix,
+    unconditional_t2i_prefix,
+)
+from dllm_zoo.data.multitask import DataSource, MultiTaskDataModule, SourceMixture, TaskData
 from dllm_zoo.data.packing import PackSequences, packed_sample_ids
 from dllm_zoo.data.sequences import (
     BuildSequence,
@@ -17,30 +30,45 @@ from dllm_zoo.data.sequences import (
 )
 from dllm_zoo.data.shards import expand_braces, expand_shards, is_remote, write_shards
 from dllm_zoo.data.stream import DataWarning, SampleDropped, SampleStream, is_hf_dataset_dir
-from dllm_zoo.data.synthetic import Arithmetic, SyntheticTask, extract_answer
+from dllm_zoo.data.synthetic import Arithmetic, ShapesWorld, SyntheticTask, extract_answer
 
 __all__ = [
     "Arithmetic",
     "BuildSequence",
+    "BuildTaskRow",
+    "DataSource",
     "DataWarning",
     "LMBuilder",
     "LMChatBuilder",
     "LoaderPosition",
+    "MMUBuilder",
+    "MultiTaskDataModule",
+    "MultimodalBuilder",
     "PackSequences",
+    "R2IBuilder",
     "ResumableDataLoader",
     "SampleDropped",
     "SampleStream",
     "SequenceBuilder",
     "SequenceFormat",
+    "ShapesWorld",
+    "SourceMixture",
     "SyntheticTask",
+    "T2IBuilder",
+    "TaskData",
     "TextDiffusionDataModule",
     "collate_sequences",
+    "collate_task_rows",
     "expand_braces",
     "expand_shards",
     "extract_answer",
     "is_hf_dataset_dir",
     "is_remote",
     "make_builder",
+    "make_task_builder",
     "packed_sample_ids",
+    "row_length",
+    "t2i_prefix",
+    "unconditional_t2i_prefix",
     "write_shards",
 ]

@@ -14,6 +14,7 @@ the answer-length normalisation are then per packed sample, and the batch mean i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,33 +122,83 @@ class MaskedDiffusionLoss:
             raise ValueError(f"targets must have shape [{n}] to match logits [N, V], got {tuple(targets.shape)}")
         ce = F.cross_entropy(logits.float(), targets, reduction="none")
         if sample_ids is None:
-            units = b
+            units, present = b, None
             unit = torch.arange(b, device=masked.device)[:, None].expand(b, length)[masked]
         else:
             if sample_ids.shape != masked.shape:
                 raise ValueError(f"sample_ids must be [B, L] = {tuple(masked.shape)}, got {tuple(sample_ids.shape)}")
             units = self._num_units(p_mask, t, answer_length, b * length)
             unit = sample_ids[masked]
+            # mean over the samples that occur, without a host sync to count them
+            flat = sample_ids.flatten()
+            occurs = torch.zeros(units, device=flat.device).index_add_(0, flat.clamp(min=0), (flat >= 0).float())
+            present = (occurs > 0).to(ce.dtype)
         weight = self._unit_weight(p_mask, t, units, masked.device)
         weighted = ce * weight[unit] if weight is not None else ce
-        num_masked = masked.sum()
+        return self._normalise(
+            weighted.sum(),
+            lambda: torch.zeros(units, device=weighted.device, dtype=weighted.dtype).index_add_(0, unit, weighted),
+            answer_length,
+            present,
+            b * length,
+            masked.sum(),
+            ce,
+        )
+
+    def reduce(
+        self,
+        ce: Tensor,
+        masked: Tensor,
+        *,
+        p_mask: Tensor | None = None,
+        t: Tensor | None = None,
+        answer_length: Tensor | None = None,
+    ) -> LossOutput:
+        """Weight and normalise per-position cross-entropies of unpacked rows.
+
+        The multi-task stages compute CE once for a batch that concatenates several tasks and reduce each task's
+        rows with its own loss object (:class:`~dllm_zoo.stages.MMaDAPretraining`).
+
+        Args:
+            ce: ``[B, L]`` float cross-entropy at each position (any value where ``masked`` is False: ignored).
+            masked: ``[B, L]`` bool, the positions that count.
+            p_mask: ``[B]`` mask probability per row (``inverse_p``).
+            t: ``[B]`` time per row (``inverse_t``).
+            answer_length: ``[B]`` answer tokens per row (``answer_length``).
+
+        Returns:
+            :class:`LossOutput` (``per_sample`` ``[B]`` with ``answer_length`` normalisation).
+        """
+        b, length = masked.shape
+        ce = torch.where(masked, ce.float(), torch.zeros((), device=ce.device))
+        weight = self._unit_weight(p_mask, t, b, masked.device)
+        weighted = ce * weight[:, None] if weight is not None else ce
+        return self._normalise(
+            weighted.sum(), lambda: weighted.sum(dim=1), answer_length, None, b * length, masked.sum(), ce
+        )
+
+    def _normalise(
+        self,
+        total: Tensor,
+        per_unit: Callable[[], Tensor],
+        answer_length: Tensor | None,
+        present: Tensor | None,
+        positions: int,
+        num_masked: Tensor,
+        ce: Tensor,
+    ) -> LossOutput:
+        """Apply the normalisation to the weighted CE (``total``; ``per_unit()`` sums per row / sample)."""
         per_sample = None
         if self.normalization == "batch_tokens":
-            loss = weighted.sum() / (b * length)
+            loss = total / positions
         elif self.normalization == "masked_mean":
-            loss = weighted.sum() / num_masked.clamp(min=1)
+            loss = total / num_masked.clamp(min=1)
         else:
             if answer_length is None:
                 raise ValueError("normalization='answer_length' needs answer_length [B] ([S] with sample_ids)")
-            per_unit = torch.zeros(units, device=weighted.device, dtype=weighted.dtype).index_add_(0, unit, weighted)
-            per_sample = per_unit / answer_length.to(per_unit.dtype).clamp(min=1)
-            if sample_ids is None:
-                loss = per_sample.mean()
-            else:  # mean over the samples that occur, without a host sync to count them
-                flat = sample_ids.flatten()
-                occurs = torch.zeros(units, device=flat.device).index_add_(0, flat.clamp(min=0), (flat >= 0).float())
-                present = (occurs > 0).to(per_sample.dtype)
-                loss = (per_sample * present).sum() / present.sum().clamp(min=1)
+            sums = per_unit()
+            per_sample = sums / answer_length.to(sums.dtype).clamp(min=1)
+            loss = per_sample.mean() if present is None else (per_sample * present).sum() / present.sum().clamp(min=1)
         ce_mean = ce.sum() / num_masked.clamp(min=1)
         return LossOutput(loss=loss, ce=ce_mean.detach(), num_masked=num_masked, per_sample=per_sample)
 

@@ -4,6 +4,7 @@ from dllm_zoo.samplers.base import Sampler, SamplerOutput
 from dllm_zoo.samplers.block import BlockSampler
 from dllm_zoo.samplers.confidence import Confidence, LowConfidence, Margin, NegEntropy, RandomConfidence
 from dllm_zoo.samplers.likelihood import elbo_log_likelihood, stratified_mask_counts
+from dllm_zoo.samplers.maskgit import MaskGITSampler, gumbel_temperature, t2i_special_ids
 from dllm_zoo.samplers.sampling import filter_logits, sample_tokens
 from dllm_zoo.samplers.semi_ar import LLaDASampler, add_gumbel_noise
 from dllm_zoo.samplers.transfer import (
@@ -27,6 +28,7 @@ __all__ = [
     "Factor",
     "LLaDASampler",
     "LowConfidence",
+    "MaskGITSampler",
     "Margin",
     "NegEntropy",
     "RandomConfidence",
@@ -38,6 +40,8 @@ __all__ = [
     "add_gumbel_noise",
     "confidence_ranks",
     "elbo_log_likelihood",
+    "gumbel_temperature",
     "stratified_mask_counts",
+    "t2i_special_ids",
     "top_k_mask",
 ]

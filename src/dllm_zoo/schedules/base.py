@@ -53,6 +53,24 @@ class NoiseSchedule(ABC):
             ``[B, steps]`` int64, non-negative, each row summing to ``n_masked``.
         """
 
+    def masked_fraction(self, progress: Tensor) -> Tensor:
+        """The reveal curve: fraction of the canvas still masked after ``progress`` of the reverse process.
+
+        1 at ``progress = 0`` (everything masked) and 0 at ``progress = 1`` up to the schedule's floor
+        (:class:`~dllm_zoo.schedules.linear.LinearSchedule` keeps ``eps``). Samplers that re-plan every step
+        (MaskGIT) read it directly; :meth:`reveal_counts` is its integer counterpart.
+
+        The default, ``mask_prob(1 − progress)``, suits schedules whose ``t = 1`` is fully masked (diffusion time);
+        schedules in MaskGIT's convention (``t = 0`` fully masked) override it.
+
+        Args:
+            progress: ``[...]`` floats in ``[0, 1]`` (MaskGIT's ratio ``r = (s + 1) / S`` after step ``s``).
+
+        Returns:
+            ``[...]`` masked fractions in ``[0, 1]``, non-increasing in ``progress``.
+        """
+        return self.mask_prob(1 - progress)
+
     def sample_t(
         self, batch_size: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
     ) -> Tensor:
@@ -125,6 +143,26 @@ class NoiseSchedule(ABC):
             masked = _force_one_per_sample(masked, maskable, u, ids, p.shape[0])
         noisy = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
         return NoisedBatch(noisy=noisy, masked=masked, t=t, p_mask=p)
+
+
+def reveals_from_remaining(remaining: Tensor) -> Tensor:
+    """Per-step reveal counts from a planned number of tokens still masked after each step.
+
+    Column 0 is the starting count and the last column is forced to 0; the plan is then pushed down to
+    ``r_k <= r_{k-1} - 1`` while tokens remain (at least one reveal per step): ``r'_k = min_{j<=k}(r_j + j) - k``,
+    clipped at 0. Shared by the schedules whose plan is ``⌊m · masked_fraction(k / S)⌋`` (cosine, sigmoid).
+
+    Args:
+        remaining: ``[B, S + 1]`` int64, tokens still masked after ``k = 0..S`` steps (``remaining[:, 0] = m``).
+
+    Returns:
+        ``[B, S]`` int64 reveals per step, non-negative, each row summing to ``remaining[:, 0]``.
+    """
+    remaining = remaining.to(torch.int64).clone()
+    remaining[:, -1] = 0
+    idx = torch.arange(remaining.shape[1], device=remaining.device)
+    remaining = (torch.cummin(remaining + idx, dim=1).values - idx).clamp(min=0)
+    return remaining[:, :-1] - remaining[:, 1:]
 
 
 def _force_one(masked: Tensor, maskable: Tensor, u: Tensor) -> Tensor:

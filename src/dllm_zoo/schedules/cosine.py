@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from dllm_zoo.schedules.base import NoisedBatch, NoiseSchedule, rank_mask
+from dllm_zoo.schedules.base import NoisedBatch, NoiseSchedule, rank_mask, reveals_from_remaining
 
 
 class CosineSchedule(NoiseSchedule):
@@ -29,6 +29,14 @@ class CosineSchedule(NoiseSchedule):
     def mask_prob(self, t: Tensor) -> Tensor:
         """See :meth:`NoiseSchedule.mask_prob`."""
         return torch.cos(t * (math.pi / 2)).clamp(min=self.min_mask_rate)
+
+    def masked_fraction(self, progress: Tensor) -> Tensor:
+        """MaskGIT's reveal curve ``cos(π r / 2)`` at ``r = progress``; shapes ``[...]``.
+
+        ``t = 0`` is fully masked in this schedule (``t`` is MaskGIT's ``r``), so this is :meth:`mask_prob`
+        without the training clip ``min_mask_rate``.
+        """
+        return torch.cos(progress * (math.pi / 2))
 
     def add_noise(
         self,
@@ -67,11 +75,9 @@ class CosineSchedule(NoiseSchedule):
             raise ValueError(f"steps must be positive, got {steps}")
         n = n_masked.to(torch.int64)
         k = torch.arange(steps + 1, device=n.device, dtype=torch.float64)
+        # cos(k·π/(2S)), not masked_fraction(k/S): the two differ by an ulp for some S, which can flip a floor, and
+        # this plan is pinned by the LLaDA-sampler tests.
         ratio = torch.cos(k * (math.pi / (2 * steps)))
         remaining = torch.floor(n[:, None].to(torch.float64) * ratio[None, :]).to(torch.int64)
         remaining[:, 0] = n
-        remaining[:, -1] = 0
-        # Enforce r_k <= r_{k-1} - 1 (one reveal per step while tokens remain): r'_k = min_{j<=k}(r_j + j) - k.
-        idx = torch.arange(steps + 1, device=n.device)
-        remaining = (torch.cummin(remaining + idx, dim=1).values - idx).clamp(min=0)
-        return remaining[:, :-1] - remaining[:, 1:]
+        return reveals_from_remaining(remaining)

@@ -2,7 +2,15 @@
 
 from dllm_zoo.stages.base import DiffusionStage
 from dllm_zoo.stages.block_sft import BlockDiffusionSFT
+from dllm_zoo.stages.mmada import MixedCoTSFT, MMaDAPretraining
 from dllm_zoo.stages.optim import OptimConfig
 from dllm_zoo.stages.pretrain import MaskedDiffusionPretraining
 
-__all__ = ["BlockDiffusionSFT", "DiffusionStage", "MaskedDiffusionPretraining", "OptimConfig"]
+__all__ = [
+    "BlockDiffusionSFT",
+    "DiffusionStage",
+    "MMaDAPretraining",
+    "MaskedDiffusionPretraining",
+    "MixedCoTSFT",
+    "OptimConfig",
+]

@@ -1,6 +1,25 @@
-"""Token layouts and text tokenizers (image tokenizers arrive with the MMaDA issue)."""
+"""Token layouts, text tokenizers and image tokenizers.
 
+* :class:`TokenLayout`: where text, special and image-code ids live in the model's vocabulary.
+* Text: :class:`TextTokenizer` (contract), :class:`ByteTokenizer` (embedded), :class:`HFTextTokenizer`.
+* Images (``[B, 3, H, W]`` in ``[0, 1]`` <-> ``[B, h, w]`` codes): :class:`ImageTokenizer` (contract),
+  :class:`PaletteTokenizer` (lossless, embedded; palette :data:`DEFAULT_PALETTE`) and :class:`MagvitV2Tokenizer`
+  (Show-o / MMaDA's MAGVIT-v2, loads ``showlab/magvitv2``).
+"""
+
+from dllm_zoo.tokenizers.image import DEFAULT_PALETTE, ImageTokenizer, PaletteTokenizer
 from dllm_zoo.tokenizers.layout import TokenLayout
+from dllm_zoo.tokenizers.magvit import MagvitV2Tokenizer
 from dllm_zoo.tokenizers.text import ByteTokenizer, ChatMessage, HFTextTokenizer, TextTokenizer
 
-__all__ = ["ByteTokenizer", "ChatMessage", "HFTextTokenizer", "TextTokenizer", "TokenLayout"]
+__all__ = [
+    "DEFAULT_PALETTE",
+    "ByteTokenizer",
+    "ChatMessage",
+    "HFTextTokenizer",
+    "ImageTokenizer",
+    "MagvitV2Tokenizer",
+    "PaletteTokenizer",
+    "TextTokenizer",
+    "TokenLayout",
+]
