@@ -43,9 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_list.add_argument("axis", nargs="?", choices=sorted(registry.AXES), help="component axis")
     p_conv = sub.add_parser(
         "convert-checkpoint",
-        help="sharded (FSDP2) stage checkpoint -> the backbone's original layout (config.json + safetensors)",
+        help="stage checkpoint (sharded FSDP2 dir or single .ckpt) -> the backbone's original layout",
     )
-    p_conv.add_argument("checkpoint", help="the checkpoint directory (…/checkpoints/last.ckpt/ with meta.pt)")
+    p_conv.add_argument(
+        "checkpoint", help="the checkpoint: a sharded directory (…/last.ckpt/ with meta.pt) or a single .ckpt file"
+    )
     p_conv.add_argument("out", help="output directory")
     p_conv.add_argument("--backbone", required=True, help="backbone class (e.g. LLaDABackbone, SDARBackbone)")
     p_conv.add_argument("--preset", default=None, help="size preset the run trained (e.g. tiny, llada-8b)")

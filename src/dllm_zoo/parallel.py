@@ -239,14 +239,17 @@ def convert_checkpoint(
     adapter: Mapping[str, Any] | None = None,
     max_shard_size: int | None = None,
 ) -> Path:
-    """Turn a sharded (distributed) stage checkpoint into the backbone's ORIGINAL checkpoint layout.
+    """Turn a stage checkpoint (sharded or a single file) into the backbone's ORIGINAL checkpoint layout.
 
     Runs in one process without ``torch.distributed``: the shards of every rank are read and reassembled into
-    ``backbone`` (``torch.distributed.checkpoint`` reshards to the full tensors), a LoRA adapter found in the
-    checkpoint is merged, and the family's ``save_pretrained`` writes config.json + safetensors.
+    ``backbone`` (``torch.distributed.checkpoint`` reshards to the full tensors), or a single-file Lightning
+    checkpoint is read; a LoRA adapter found in the checkpoint is merged, and the family's ``save_pretrained`` writes
+    config.json + safetensors. This is also how one stage's result becomes the next stage's ``pretrained`` (e.g.
+    MMaDA pretraining -> mixed CoT SFT).
 
     Args:
-        ckpt_dir: The checkpoint directory (``…/checkpoints/last.ckpt/`` with ``meta.pt`` and ``*.distcp``).
+        ckpt_dir: The checkpoint directory (``…/checkpoints/last.ckpt/`` with ``meta.pt`` and ``*.distcp``) or a
+            single-file ``.ckpt`` (an adapter-only one needs ``backbone`` built from the base it was trained on).
         out_dir: Output directory.
         backbone: A backbone of the trained family and size (e.g. ``LLaDABackbone("tiny")`` or the
             ``pretrained`` directory it was fine-tuned from); its weights are replaced.
@@ -265,6 +268,8 @@ def convert_checkpoint(
     from dllm_zoo.adapters import LoRA, apply_lora, merge_and_export
 
     ckpt = Path(ckpt_dir)
+    if ckpt.is_file():
+        return _convert_single_file(ckpt, out_dir, backbone, adapter, max_shard_size)
     meta = _read_meta(ckpt)
     saved_adapter = adapter if adapter is not None else meta.get("hyper_parameters", {}).get("adapter")
     if saved_adapter is not None:
@@ -291,4 +296,46 @@ def convert_checkpoint(
         )
     state = {"state_dict": own}
     dcp.load(state, storage_reader=reader, no_dist=True)
+    return merge_and_export(backbone, out_dir, max_shard_size=max_shard_size)
+
+
+def _convert_single_file(
+    ckpt: Path, out_dir: str | Path, backbone: Backbone, adapter: Mapping[str, Any] | None, max_shard_size: int | None
+) -> Path:
+    """:func:`convert_checkpoint` for a single-file Lightning checkpoint."""
+    from dllm_zoo.adapters import LoRA, apply_lora, merge_and_export
+
+    try:
+        loaded = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exn:  # noqa: BLE001 - torch raises several types for unreadable files
+        raise ValueError(f"{ckpt} is not a readable Lightning checkpoint ({exn})") from exn
+    if not isinstance(loaded, dict) or "state_dict" not in loaded:
+        raise ValueError(f"{ckpt} is not a Lightning checkpoint (no state_dict)")
+    saved_adapter = adapter if adapter is not None else loaded.get("hyper_parameters", {}).get("adapter")
+    if saved_adapter is not None:
+        config = LoRA(**saved_adapter)
+        if config.quantize is not None:
+            raise ValueError(
+                "a QLoRA checkpoint holds 4-bit base weights that cannot be merged here; convert the LoRA run on the "
+                "full-precision base instead (--model.adapter without quantize)"
+            )
+        apply_lora(backbone, config)
+    stored = {k.removeprefix("backbone."): v for k, v in loaded["state_dict"].items() if k.startswith("backbone.")}
+    own = backbone.state_dict()
+    adapter_only = int(loaded.get("dllm_zoo_adapter", {}).get("frozen_keys_not_saved", 0)) > 0
+    trainable = {k for k, v in backbone.named_parameters() if v.requires_grad}
+    missing = sorted(k for k in set(own) - set(stored) if not (adapter_only and k not in trainable))
+    unexpected = sorted(set(stored) - set(own))
+    misshaped = [
+        f"{k} {tuple(stored[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(stored))
+        if tuple(stored[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or misshaped:
+        raise ValueError(
+            f"the checkpoint {ckpt} does not fit {type(backbone).__name__} "
+            f"(pass the family and size it was trained with): missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"mis-shaped {misshaped[:5]}"
+        )
+    backbone.load_state_dict(stored, strict=not adapter_only)
     return merge_and_export(backbone, out_dir, max_shard_size=max_shard_size)

@@ -177,3 +177,13 @@ def test_fit_and_resume_continue_exactly(tmp_path: Path) -> None:
     assert sorted(resumed.losses) == list(range(5, 11))
     for step, loss in resumed.losses.items():
         assert loss == pytest.approx(full.losses[step], abs=1e-5), step
+    # the next stage starts from these weights: a single-file checkpoint exports to the original layout
+    from dllm_zoo.parallel import convert_checkpoint
+
+    ckpt_file = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    out = convert_checkpoint(ckpt_file, tmp_path / "export", LLaDABackbone("tiny"))
+    loaded = LLaDABackbone(pretrained=str(out))
+    stored = torch.load(ckpt_file, weights_only=True)["state_dict"]
+    assert all(torch.equal(stored[f"backbone.{k}"], v) for k, v in loaded.state_dict().items())
+    with pytest.raises(ValueError, match="does not fit"):
+        convert_checkpoint(ckpt_file, tmp_path / "bad", LLaDABackbone("mini"))
