@@ -14,16 +14,19 @@ import sys
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.data.synthetic.base import SyntheticTask
 from dllm_zoo.losses.masked_diffusion import MaskedDiffusionLoss
+from dllm_zoo.rl.objectives import PolicyObjective
 from dllm_zoo.samplers.base import Sampler
 from dllm_zoo.samplers.confidence import Confidence
 from dllm_zoo.samplers.transfer import TransferRule
 from dllm_zoo.schedules.base import NoiseSchedule
 from dllm_zoo.stages.base import DiffusionStage
+from dllm_zoo.tokenizers.image import ImageTokenizer
 from dllm_zoo.tokenizers.text import TextTokenizer
 
 AXES: dict[str, type] = {
     "backbone": Backbone,
     "tokenizer": TextTokenizer,
+    "image_tokenizer": ImageTokenizer,
     "schedule": NoiseSchedule,
     "loss": MaskedDiffusionLoss,
     "stage": DiffusionStage,
@@ -31,6 +34,7 @@ AXES: dict[str, type] = {
     "confidence": Confidence,
     "transfer": TransferRule,
     "task": SyntheticTask,
+    "objective": PolicyObjective,
 }
 
 
