@@ -19,11 +19,14 @@ def test_every_axis_lists_its_builtins() -> None:
         "tokenizer": {"ByteTokenizer", "HFTextTokenizer"},
         "schedule": {"LinearSchedule", "CosineSchedule"},
         "loss": {"MaskedDiffusionLoss"},
-        "stage": {"MaskedDiffusionPretraining", "BlockDiffusionSFT"},
+        "stage": {"MaskedDiffusionPretraining", "BlockDiffusionSFT", "UniGRPO"},
         "task": {"Arithmetic"},
         "sampler": {"LLaDASampler"},
         "confidence": {"LowConfidence", "Margin", "NegEntropy", "RandomConfidence"},
         "transfer": {"StaticQuota", "Threshold", "Factor", "Dynamic"},
+        "reward": {"ArithmeticCorrectness", "ThinkFormat", "ShapesAlignment", "ClipScore", "CodeExecution", "ForTasks"},
+        "objective": {"ClippedSurrogate"},
+        "masking": {"UniformlySpacedMasking", "RandomMasking", "CoupledMasking"},
     }
     for axis, names in expected.items():
         assert names <= set(registry.components(axis)), axis

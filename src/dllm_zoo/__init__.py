@@ -8,9 +8,11 @@ from dllm_zoo.backbones import Backbone, BackboneOutput, LLaDABackbone, LLaDACon
 from dllm_zoo.data import TextDiffusionDataModule
 from dllm_zoo.data.synthetic import Arithmetic, SyntheticTask
 from dllm_zoo.losses import MaskedDiffusionLoss
+from dllm_zoo.rewards import Reward
+from dllm_zoo.rl import ClippedSurrogate, PolicyObjective, UniformlySpacedMasking
 from dllm_zoo.samplers import LLaDASampler, Sampler, SamplerOutput
 from dllm_zoo.schedules import CosineSchedule, LinearSchedule, NoiseSchedule
-from dllm_zoo.stages import MaskedDiffusionPretraining, OptimConfig
+from dllm_zoo.stages import MaskedDiffusionPretraining, OptimConfig, UniGRPO
 from dllm_zoo.tokenizers import ByteTokenizer, HFTextTokenizer, TextTokenizer, TokenLayout
 
 __version__ = "0.1.0"
@@ -20,6 +22,7 @@ __all__ = [
     "Backbone",
     "BackboneOutput",
     "ByteTokenizer",
+    "ClippedSurrogate",
     "CosineSchedule",
     "HFTextTokenizer",
     "LLaDABackbone",
@@ -30,10 +33,14 @@ __all__ = [
     "MaskedDiffusionPretraining",
     "NoiseSchedule",
     "OptimConfig",
+    "PolicyObjective",
+    "Reward",
     "Sampler",
     "SamplerOutput",
     "SyntheticTask",
     "TextDiffusionDataModule",
     "TextTokenizer",
     "TokenLayout",
+    "UniGRPO",
+    "UniformlySpacedMasking",
 ]

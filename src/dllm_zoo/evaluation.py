@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from dllm_zoo.backbones.base import Backbone
+from dllm_zoo.data.prompts import left_pad, prompt_token_ids
 from dllm_zoo.data.synthetic.base import SyntheticTask
 from dllm_zoo.tokenizers.text import TextTokenizer
 
@@ -30,19 +31,7 @@ def encode_prompts(tokenizer: TextTokenizer, prompts: Sequence[str], chat: bool 
     Returns:
         ``ids`` ``[B, P]`` int64 and ``mask`` ``[B, P]`` bool (True = real token).
     """
-    rows = [
-        tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
-        if chat
-        else [tokenizer.layout.bos_id, *tokenizer.encode(p)]
-        for p in prompts
-    ]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.layout.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = True
-    return ids, mask
+    return left_pad([prompt_token_ids(tokenizer, p, chat) for p in prompts], tokenizer.layout.pad_id)
 
 
 @dataclass

@@ -15,6 +15,7 @@ def run_recipe(
     default_config: str | Path,
     args: Sequence[str] | None = None,
     run: bool = True,
+    cli_class: type[LightningCLI] = LightningCLI,
 ) -> LightningCLI:
     """Run ``LightningCLI`` with a recipe's embedded default config.
 
@@ -27,6 +28,7 @@ def run_recipe(
         default_config: YAML read before any user config.
         args: Command-line arguments (default: ``sys.argv[1:]``).
         run: Run the subcommand (``False``: only parse and instantiate, for tests).
+        cli_class: ``LightningCLI`` or a subclass adding recipe-level arguments (e.g. UniGRPO's ``--warm_start``).
     """
     config = str(default_config)
     if not Path(config).is_file():
@@ -34,7 +36,7 @@ def run_recipe(
     defaults = {"default_config_files": [config]}
     # With subcommands (fit, validate, …) the defaults belong to each subcommand's parser.
     parser_kwargs = {sub: defaults for sub in ("fit", "validate", "test", "predict")} if run else defaults
-    return LightningCLI(
+    return cli_class(
         model_class,
         datamodule_class,
         subclass_mode_model=True,

@@ -14,6 +14,8 @@ import sys
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.data.synthetic.base import SyntheticTask
 from dllm_zoo.losses.masked_diffusion import MaskedDiffusionLoss
+from dllm_zoo.rewards.base import Reward
+from dllm_zoo.rl.masking import ResponseMasking
 from dllm_zoo.rl.objectives import PolicyObjective
 from dllm_zoo.samplers.base import Sampler
 from dllm_zoo.samplers.confidence import Confidence
@@ -35,6 +37,8 @@ AXES: dict[str, type] = {
     "transfer": TransferRule,
     "task": SyntheticTask,
     "objective": PolicyObjective,
+    "masking": ResponseMasking,
+    "reward": Reward,
 }
 
 

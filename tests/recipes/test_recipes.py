@@ -24,6 +24,7 @@ def test_every_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture
     expected = {
         "pretrain": ("LLaDABackbone", "MaskedDiffusionPretraining"),
         "sdar": ("SDARBackbone", "BlockDiffusionSFT"),
+        "unigrpo": ("LLaDABackbone", "UniGRPO", "PromptDataModule", "ArithmeticCorrectness"),
         "mmada": (
             "LLaDABackbone",
             "MultiTaskDataModule",

@@ -19,6 +19,7 @@ from dllm_zoo.data.multimodal import (
 )
 from dllm_zoo.data.multitask import DataSource, MultiTaskDataModule, SourceMixture, TaskData
 from dllm_zoo.data.packing import PackSequences, packed_sample_ids
+from dllm_zoo.data.prompts import CollatePrompts, EncodePrompt, PromptDataModule, left_pad, prompt_token_ids
 from dllm_zoo.data.sequences import (
     BuildSequence,
     LMBuilder,
@@ -36,8 +37,10 @@ __all__ = [
     "Arithmetic",
     "BuildSequence",
     "BuildTaskRow",
+    "CollatePrompts",
     "DataSource",
     "DataWarning",
+    "EncodePrompt",
     "LMBuilder",
     "LMChatBuilder",
     "LoaderPosition",
@@ -45,6 +48,7 @@ __all__ = [
     "MultiTaskDataModule",
     "MultimodalBuilder",
     "PackSequences",
+    "PromptDataModule",
     "R2IBuilder",
     "ResumableDataLoader",
     "SampleDropped",
@@ -64,9 +68,11 @@ __all__ = [
     "extract_answer",
     "is_hf_dataset_dir",
     "is_remote",
+    "left_pad",
     "make_builder",
     "make_task_builder",
     "packed_sample_ids",
+    "prompt_token_ids",
     "row_length",
     "t2i_prefix",
     "unconditional_t2i_prefix",

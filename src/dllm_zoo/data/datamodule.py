@@ -142,8 +142,13 @@ class TextDiffusionDataModule(L.LightningDataModule):
         """Resolve the sources on every process (the task's shards are read from the cache)."""
         self._train_source, self._val_source = self._resolve()
 
-    def _transform(self) -> BuildSequence:
+    def _transform(self) -> Any:
+        """The per-sample transform run in the loader workers (a subclass may build other rows)."""
         return BuildSequence(self.builder, self.tokenizer, self.seq_len, pad=not self.pack)
+
+    def _collate_fn(self) -> Any:
+        """The (picklable) function stacking transformed samples into a batch; a subclass may collate other rows."""
+        return collate_sequences
 
     def _packer(self) -> PackSequences | None:
         # one packed batch = one loader batch, so a batch boundary is a stream position (exact resume)
@@ -166,7 +171,7 @@ class TextDiffusionDataModule(L.LightningDataModule):
                 pack=self._packer(),
             )
             self._train_loader = ResumableDataLoader(
-                stream, self.batch_size, num_workers=self.num_workers, collate_fn=collate_sequences
+                stream, self.batch_size, num_workers=self.num_workers, collate_fn=self._collate_fn()
             )
             if self._loader_state is not None:
                 self._train_loader.load_state_dict(self._loader_state)
@@ -188,7 +193,7 @@ class TextDiffusionDataModule(L.LightningDataModule):
             flag="--data.val",
             pack=self._packer(),
         )
-        return DataLoader(stream, self.batch_size, num_workers=self.num_workers, collate_fn=collate_sequences)
+        return DataLoader(stream, self.batch_size, num_workers=self.num_workers, collate_fn=self._collate_fn())
 
     def state_dict(self) -> dict[str, Any]:
         """The train loader's position, also kept here (see :meth:`load_state_dict`)."""

@@ -71,6 +71,10 @@ def k3_kl(logp_new: Tensor, logp_target: Tensor) -> Tensor:
 class PolicyObjective(ABC):
     """Base class: ``(logp_new, logp_old, advantages, mask, logp_ref) -> ObjectiveOutput``."""
 
+    def needs_reference(self) -> bool:
+        """Whether ``logp_ref`` (a frozen reference policy) must be given; the stage then keeps a reference."""
+        return False
+
     @abstractmethod
     def __call__(
         self,
@@ -143,6 +147,10 @@ class ClippedSurrogate(PolicyObjective):
         self.aggregation: Aggregation = aggregation
         self.kl_aggregation: Aggregation = aggregation if kl_aggregation is None else kl_aggregation
         self.log_ratio_clamp = log_ratio_clamp
+
+    def needs_reference(self) -> bool:
+        """True when the KL term is on and measured against the frozen reference."""
+        return self.beta > 0 and self.kl_against == "reference"
 
     def __call__(
         self,

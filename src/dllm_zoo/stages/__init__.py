@@ -5,6 +5,7 @@ from dllm_zoo.stages.block_sft import BlockDiffusionSFT
 from dllm_zoo.stages.mmada import MixedCoTSFT, MMaDAPretraining
 from dllm_zoo.stages.optim import OptimConfig
 from dllm_zoo.stages.pretrain import MaskedDiffusionPretraining
+from dllm_zoo.stages.unigrpo import UniGRPO
 
 __all__ = [
     "BlockDiffusionSFT",
@@ -13,4 +14,5 @@ __all__ = [
     "MaskedDiffusionPretraining",
     "MixedCoTSFT",
     "OptimConfig",
+    "UniGRPO",
 ]

@@ -1,0 +1,549 @@
+"""UniGRPO (MMaDA §3.3, Alg. 1; research/mmada.md §4.3–4.4): GRPO for masked-diffusion policies, in process.
+
+One training step = one batch of prompts:
+
+1. **Rollout** — every prompt is answered ``G`` times by the stage's sampler under ``no_grad`` (any
+   :class:`~dllm_zoo.samplers.base.Sampler`), giving a :class:`~dllm_zoo.rl.rollout.Rollout` with its step map.
+2. **Scoring** — every reward scores the decoded completions; rewards that do not apply to a sample return ``None``
+   (diversified rewards per task type); the weighted total is turned into group advantages (population z-score, 0
+   without spread); optionally groups that are all right or all wrong are dropped (counted).
+3. **Optimisation** — ``μ`` inner iterations over the same rollouts. Iteration ``n`` masks each response with the
+   masking scheme's ``n``-th mask (the paper's uniformly spaced ratios by default; the prompt is never masked), the
+   sequence log-likelihood being the mean log-probability of the masked tokens; the old policy's log-probs of all
+   ``μ`` masks are computed once before the first update (so the first iteration's ratio is 1), then each iteration
+   takes one optimizer step on the :class:`~dllm_zoo.rl.objectives.PolicyObjective`.
+
+The reference policy of a KL term against the reference is a frozen copy of the initial policy, or — with a LoRA
+adapter — the same backbone with the adapter disabled (no second copy in memory).
+
+Trainer steps count optimizer steps: ``--trainer.max_steps`` = RL steps × ``inner_iterations``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from jsonargparse import lazy_instance
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from dllm_zoo.adapters import LoRA
+from dllm_zoo.backbones.base import Backbone
+from dllm_zoo.backbones.llada import LLaDABackbone
+from dllm_zoo.parallel import is_sharded
+from dllm_zoo.rewards.base import Reward
+from dllm_zoo.rl.advantages import informative_groups
+from dllm_zoo.rl.logprobs import masked_token_logprobs
+from dllm_zoo.rl.masking import ResponseMasking, UniformlySpacedMasking
+from dllm_zoo.rl.objectives import ClippedSurrogate, PolicyObjective
+from dllm_zoo.rl.rollout import (
+    RewardAggregation,
+    Rollout,
+    combine_rewards,
+    repeat_prompts,
+    response_mask,
+    score_rewards,
+)
+from dllm_zoo.samplers.base import Sampler
+from dllm_zoo.samplers.semi_ar import LLaDASampler
+from dllm_zoo.stages.base import BackboneFactory, DiffusionStage
+from dllm_zoo.stages.optim import OptimConfig
+from dllm_zoo.tokenizers.layout import EOT
+from dllm_zoo.tokenizers.text import TextTokenizer
+
+ReferenceKind = Literal["auto", "copy", "adapter"]
+
+# Timer keys whose time is spent in model forward/backward passes (the rest is bookkeeping; see benchmarks/).
+MODEL_TIMERS = ("generate", "logp_old", "logp_ref", "forward_backward")
+
+
+def _nanmean(x: Tensor) -> Tensor:
+    applies = ~torch.isnan(x)
+    return torch.where(applies, x, 0.0).sum() / applies.sum().clamp(min=1)
+
+
+class UniGRPO(DiffusionStage):
+    """UniGRPO policy optimisation of a masked-diffusion LM (manual optimisation, ``μ`` inner iterations).
+
+    Batches come from :class:`~dllm_zoo.data.prompts.PromptDataModule`: ``prompt_ids``/``prompt_mask`` ``[B, P]``
+    (left-padded), ``prompts`` and the samples' ``fields`` (e.g. ``answer``), which the rewards receive.
+
+    Args:
+        backbone: The policy: a backbone factory or instance (``pretrained=`` a warm-start checkpoint).
+        sampler: Generates the rollouts (default: LLaDA semi-AR, temperature 1 for diverse groups).
+        rewards: Reward functions; their ``name`` is the metric key ``reward/<name>``.
+        reward_weights: One weight per reward (default all 1); e.g. MMaDA's correctness 2.0 + format 0.5.
+        reward_aggregation: ``sum_then_normalize`` (GRPO) or ``normalize_then_sum`` (each reward z-scored first).
+        objective: The policy objective (default: clipped surrogate ε = 0.2, no KL).
+        masking: Which response tokens each inner iteration masks (default: the paper's uniformly spaced ratios).
+        num_generations: ``G``, completions per prompt.
+        inner_iterations: ``μ``, optimizer steps per rollout batch.
+        micro_batch_size: Rows per forward/backward (gradients accumulate over the micro-batches of one iteration);
+            ``None`` = all rows at once.
+        accuracy_reward: Name of the reward that defines "correct" (score > 0) for ``accuracy`` and the group filter;
+            ``None``: no accuracy metric.
+        filter_groups: Drop groups whose accuracy is outside ``[filter_low, filter_high]`` (released UniGRPO: 0.05 /
+            0.95; TraceRL 0.2 / 0.8). They still count in the reward metrics.
+        filter_low: Lowest kept group accuracy.
+        filter_high: Highest kept group accuracy.
+        advantage_eps: Added to the group standard deviation (paper ``std + ε``; release 0).
+        post_num: Trainable padding tokens after each answer (release 1).
+        reference: ``auto`` (``adapter`` when ``--model.adapter`` is set, else ``copy``), ``copy`` or ``adapter``;
+            only used when the objective needs a reference.
+        eval_sampler: Sampler of the held-out evaluation (default: ``sampler``); one completion per prompt.
+        max_grad_norm: Gradient clipping by global norm (``None`` = off; release 1.0).
+        tokenizer: Decodes completions; default: the datamodule's ``tokenizer``.
+        optim: Optimizer settings.
+        seed: Seed of the rollout and masking random sources.
+        adapter: Train a LoRA/QLoRA adapter instead of every weight.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneFactory | Backbone = lambda: LLaDABackbone("tiny"),
+        sampler: Sampler = lazy_instance(LLaDASampler, gen_length=32, block_length=32, steps=32, temperature=1.0),
+        rewards: Sequence[Reward] = (),
+        reward_weights: Sequence[float] | None = None,
+        reward_aggregation: RewardAggregation = "sum_then_normalize",
+        objective: PolicyObjective = lazy_instance(ClippedSurrogate),
+        masking: ResponseMasking = lazy_instance(UniformlySpacedMasking),
+        num_generations: int = 8,
+        inner_iterations: int = 4,
+        micro_batch_size: int | None = None,
+        accuracy_reward: str | None = "correctness",
+        filter_groups: bool = False,
+        filter_low: float = 0.05,
+        filter_high: float = 0.95,
+        advantage_eps: float = 0.0,
+        post_num: int = 1,
+        reference: ReferenceKind = "auto",
+        eval_sampler: Sampler | None = None,
+        max_grad_norm: float | None = 1.0,
+        tokenizer: TextTokenizer | None = None,
+        optim: OptimConfig = OptimConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, min_lr_scale=1.0),
+        seed: int = 0,
+        adapter: LoRA | None = None,
+    ) -> None:
+        super().__init__(backbone, optim, seed, adapter)
+        rewards = list(rewards)
+        if not rewards:
+            raise ValueError("--model.rewards is empty: give at least one reward (class_path: ArithmeticCorrectness …)")
+        names = [r.name for r in rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--model.rewards: names must be distinct (they are metric keys), got {names}")
+        if reward_weights is not None and len(reward_weights) != len(rewards):
+            raise ValueError(
+                f"--model.reward_weights has {len(reward_weights)} entries for {len(rewards)} rewards {names}"
+            )
+        if accuracy_reward is not None and accuracy_reward not in names:
+            raise ValueError(f"--model.accuracy_reward={accuracy_reward!r} is not one of the reward names {names}")
+        if filter_groups and accuracy_reward is None:
+            raise ValueError("--model.filter_groups needs --model.accuracy_reward (the reward that defines correct)")
+        if num_generations < 2:
+            raise ValueError(f"--model.num_generations must be >= 2 (group advantages), got {num_generations}")
+        if inner_iterations < 1:
+            raise ValueError(f"--model.inner_iterations must be >= 1, got {inner_iterations}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"--model.micro_batch_size must be >= 1, got {micro_batch_size}")
+        if reference not in ("auto", "copy", "adapter"):
+            raise ValueError(f"--model.reference must be auto, copy or adapter, got {reference!r}")
+        if reference == "adapter" and adapter is None:
+            raise ValueError("--model.reference=adapter needs --model.adapter (the base model is the reference)")
+        self.automatic_optimization = False
+        self.sampler = sampler
+        self.eval_sampler = eval_sampler if eval_sampler is not None else sampler
+        self.rewards = rewards
+        weights = [1.0] * len(rewards) if reward_weights is None else [float(w) for w in reward_weights]
+        self.reward_weights = dict(zip(names, weights))
+        self.reward_aggregation: RewardAggregation = reward_aggregation
+        self.objective = objective
+        self.masking = masking
+        self.num_generations = num_generations
+        self.inner_iterations = inner_iterations
+        self.micro_batch_size = micro_batch_size
+        self.accuracy_reward = accuracy_reward
+        self.filter_groups = filter_groups
+        self.filter_low = filter_low
+        self.filter_high = filter_high
+        self.advantage_eps = advantage_eps
+        self.post_num = post_num
+        self.reference_kind = reference
+        self.max_grad_norm = max_grad_norm
+        self._tokenizer = tokenizer
+        self.reference: Backbone | None = None
+        self.timers: dict[str, float] = defaultdict(float)
+        self._heldout_before: dict[str, float] | None = None
+        self.save_hyperparameters(
+            ignore=[
+                "backbone",
+                "sampler",
+                "rewards",
+                "objective",
+                "masking",
+                "eval_sampler",
+                "tokenizer",
+                "optim",
+                "adapter",
+            ]
+        )
+        self.hparams["optim"] = dataclasses.asdict(optim)
+        self.hparams["adapter"] = None if self.adapter is None else self.adapter.to_dict()
+
+    # ------------------------------------------------------------------ model
+    def _uses_adapter_reference(self) -> bool:
+        return self.reference_kind == "adapter" or (self.reference_kind == "auto" and self.adapter is not None)
+
+    def configure_model(self) -> None:
+        """Build the policy (see :class:`DiffusionStage`) and, when the objective needs one, the frozen reference.
+
+        The copy is made here, before a checkpoint is restored, and is part of the state dict, so a resumed run keeps
+        the reference of the original start.
+        """
+        super().configure_model()
+        if not self.objective.needs_reference() or self._uses_adapter_reference() or self.reference is not None:
+            return
+        if is_sharded(self.net):
+            raise ValueError(
+                "a frozen reference copy of a sharded policy is not supported: train a LoRA adapter "
+                "(--model.adapter, the reference is then the base model) or set --model.objective.kl_against=old"
+            )
+        # Left in train mode like the policy (Lightning warns about eval-mode modules at fit start); it runs only
+        # under no_grad inside reference_context, which switches it to eval.
+        self.reference = copy.deepcopy(self.net).requires_grad_(False)
+
+    @contextmanager
+    def reference_context(self) -> Iterator[None]:
+        """Context in which :meth:`reference_model` computes the reference policy (adapter off, or the copy in eval)."""
+        if self._uses_adapter_reference():
+            with self.disable_adapter():
+                yield
+            return
+        assert self.reference is not None  # configure_model built it
+        self.reference.eval()
+        try:
+            yield
+        finally:
+            self.reference.train()
+
+    def reference_model(self) -> Backbone:
+        """The backbone that computes the reference (inside :meth:`reference_context`)."""
+        if self._uses_adapter_reference():
+            return self.net
+        assert self.reference is not None  # configure_model built it
+        return self.reference
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The tokenizer decoding completions (given, or the datamodule's)."""
+        if self._tokenizer is not None:
+            return self._tokenizer
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        tok = getattr(dm, "tokenizer", None)
+        if not isinstance(tok, TextTokenizer):
+            raise ValueError(
+                "UniGRPO decodes completions with a text tokenizer: set --model.tokenizer or use a "
+                "datamodule with a `tokenizer` (PromptDataModule)"
+            )
+        return tok
+
+    # ------------------------------------------------------------------ timing
+    @contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        """Accumulate the wall time of the block into ``self.timers[key]`` (synchronising CUDA for honest numbers)."""
+        sync = self.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if sync:
+                torch.cuda.synchronize(self.device)
+            self.timers[key] += time.perf_counter() - t0
+
+    # ----------------------------------------------------------------- rollout
+    def _stop_ids(self) -> Tensor:
+        lay = self.layout
+        ids = {lay.eos_id}
+        if EOT in lay.special_tokens:
+            ids.add(lay.special_tokens[EOT])
+        return torch.tensor(sorted(ids), device=self.device)
+
+    def decode(self, completion: Tensor) -> tuple[list[str], list[list[int]]]:
+        """Texts and ids of completions, cut at the first end-of-turn / EOS token (one host transfer).
+
+        Args:
+            completion: ``[N, G]`` generated tokens.
+        """
+        before_stop = torch.isin(completion, self._stop_ids()).long().cumsum(dim=1) == 0
+        rows = [[t for t, keep in zip(r, k) if keep] for r, k in zip(completion.tolist(), before_stop.tolist())]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True), rows
+
+    @torch.no_grad()
+    def rollout(
+        self, batch: dict[str, Any], sampler: Sampler, num_generations: int, generator: torch.Generator | None = None
+    ) -> Rollout:
+        """Answer every prompt ``num_generations`` times and score the completions.
+
+        Args:
+            batch: A prompt batch (``prompt_ids``, ``prompt_mask``, ``prompts``, ``fields``).
+            sampler: The sampler.
+            num_generations: Completions per prompt.
+            generator: Random source of the sampler.
+
+        Returns:
+            The scored :class:`Rollout` (``advantages``/``keep`` not yet set).
+        """
+        with self.timed("generate"):
+            ids, mask, group = repeat_prompts(batch["prompt_ids"], batch["prompt_mask"].bool(), num_generations)
+            out = sampler.generate(self.net, ids, mask, generator=generator)
+        with self.timed("decode"):
+            width = ids.shape[1]
+            completion = out.tokens[:, width:]
+            resp = response_mask(completion, self.layout.eos_id, self.post_num) & out.attention_mask[:, width:]
+            texts, completion_ids = self.decode(completion)
+            index = group.tolist()
+            fields = {k: [v[i] for i in index] for k, v in batch["fields"].items()}
+            fields["completion_ids"] = completion_ids
+            prompts = [batch["prompts"][i] for i in index]
+            in_prompt = torch.ones_like(mask)  # the whole prompt part, padding included, is never masked
+        with self.timed("reward"):
+            scores = score_rewards(self.rewards, prompts, texts, fields, device=self.device)
+        return Rollout(
+            tokens=out.tokens,
+            attention_mask=out.attention_mask.bool(),
+            prompt_mask=torch.cat([in_prompt, torch.zeros_like(resp)], dim=1),
+            response_mask=torch.cat([~in_prompt, resp], dim=1),
+            step_map=out.step_map,
+            group=group,
+            rewards=scores,
+            completions=texts,
+            nfe=out.nfe,
+        )
+
+    def correct(self, rollout: Rollout) -> Tensor | None:
+        """``[N]`` float 1/0/NaN: the accuracy reward is positive / not / does not apply; ``None`` without one."""
+        if self.accuracy_reward is None:
+            return None
+        s = rollout.rewards[self.accuracy_reward]
+        return torch.where(torch.isnan(s), s, (s > 0).float())
+
+    def advantages(self, rollout: Rollout) -> Rollout:
+        """Set ``total``, ``advantages`` and ``keep`` (the group filter) on ``rollout``."""
+        with self.timed("advantage"):
+            total, adv = combine_rewards(
+                rollout.rewards, self.reward_weights, rollout.group, self.reward_aggregation, eps=self.advantage_eps
+            )
+            keep = torch.ones_like(rollout.group, dtype=torch.bool)
+            correct = self.correct(rollout)
+            if self.filter_groups and correct is not None:
+                keep = informative_groups(torch.nan_to_num(correct), rollout.group, self.filter_low, self.filter_high)
+            rollout.total, rollout.advantages, rollout.keep = total, adv, keep
+        return rollout
+
+    # ------------------------------------------------------------ optimisation
+    def _rows(self, rollout: Rollout, masks: Tensor) -> tuple[Tensor, Tensor]:
+        """Noisy inputs ``[C·N, L]`` and targets ``[C·N, L]`` of one iteration's masks ``[C, N, L]``.
+
+        Completion positions that are not trainable (padding after the first ``post_num``) are masked in the input
+        too but never scored, as the released trainers do.
+        """
+        tail = ~rollout.prompt_mask & ~rollout.response_mask
+        noisy_pos = masks | tail
+        noisy = torch.where(noisy_pos, self.layout.mask_id, rollout.tokens.expand_as(masks))
+        return noisy.flatten(0, 1), masks.flatten(0, 1)
+
+    def _chunks(self, n: int) -> list[slice]:
+        size = n if self.micro_batch_size is None else self.micro_batch_size
+        return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model: Backbone, noisy: Tensor, labels: Tensor, targets: Tensor, attn: Tensor) -> Tensor:
+        parts = [
+            masked_token_logprobs(model, noisy[s], labels[s], targets[s], attention_mask=attn[s])[0]
+            for s in self._chunks(noisy.shape[0])
+        ]
+        return torch.cat(parts)
+
+    def optimise(self, rollout: Rollout, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """The ``μ`` inner iterations on the kept completions; returns averaged diagnostics."""
+        assert rollout.keep is not None
+        assert rollout.advantages is not None
+        keep = rollout.keep.nonzero().squeeze(1)  # one host sync per RL step
+        sub = Rollout(
+            tokens=rollout.tokens[keep],
+            attention_mask=rollout.attention_mask[keep],
+            prompt_mask=rollout.prompt_mask[keep],
+            response_mask=rollout.response_mask[keep],
+            step_map=rollout.step_map[keep],
+            group=rollout.group[keep],
+        )
+        adv = rollout.advantages[keep]
+        stats: dict[str, list[Tensor]] = defaultdict(list)
+        if sub.num_rollouts == 0:
+            return {}
+        mu = self.inner_iterations
+        masks = self.masking(sub.response_mask, mu, generator)  # [μ, C, N, L]
+        copies = masks.shape[1]
+        labels = sub.tokens.repeat(copies, 1)
+        attn = sub.attention_mask.repeat(copies, 1)
+        adv_rows = adv.repeat(copies)
+        rows = [self._rows(sub, masks[n]) for n in range(mu)]
+        with self.timed("logp_old"):
+            old = [self._frozen_logprobs(self.net, noisy, labels, targets, attn) for noisy, targets in rows]
+        ref: list[Tensor | None] = [None] * mu
+        if self.objective.needs_reference():
+            with self.timed("logp_ref"), self.reference_context():
+                model = self.reference_model()
+                ref = [self._frozen_logprobs(model, noisy, labels, targets, attn) for noisy, targets in rows]
+        opt = self.optimizers()
+        assert not isinstance(opt, list)  # configure_optimizers returns one optimizer
+        sched = self.lr_schedulers()
+        n_rows = labels.shape[0]
+        for n in range(mu):
+            noisy, targets = rows[n]
+            opt.zero_grad()
+            for s in self._chunks(n_rows):
+                with self.timed("forward_backward"):
+                    logp, entropy = masked_token_logprobs(
+                        self.net, noisy[s], labels[s], targets[s], attention_mask=attn[s], with_entropy=True
+                    )
+                    ref_s = None if ref[n] is None else ref[n][s]  # type: ignore[index]
+                    out = self.objective(logp, old[n][s], adv_rows[s], targets[s], ref_s)
+                    self.manual_backward(out.loss * ((s.stop - s.start) / n_rows))
+                assert entropy is not None
+                m = targets[s].float()
+                stats["loss"].append(out.loss.detach())
+                stats["surrogate"].append(out.surrogate)
+                stats["kl"].append(out.kl)
+                stats["clip_fraction"].append(out.clip_fraction)
+                stats["ratio"].append(out.ratio_mean)
+                stats["entropy"].append((entropy * m).sum() / m.sum().clamp(min=1))
+            with self.timed("optimizer"):
+                if self.max_grad_norm is not None:
+                    self.clip_gradients(
+                        opt.optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+                    )
+                opt.step()
+                if sched is not None:
+                    sched.step()  # type: ignore[union-attr]
+        return {k: torch.stack(v).mean() for k, v in stats.items()}
+
+    # ----------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # type: ignore[override]
+        """Rollout, score, and ``μ`` optimizer steps; logs rewards, accuracy, KL, clipping, entropy and timings."""
+        self.timers.clear()
+        t0 = time.perf_counter()
+        self.net.train()
+        rollout = self.rollout(batch, self.sampler, self.num_generations, self.step_generator(batch_idx, stream=0))
+        self.advantages(rollout)
+        stats = self.optimise(rollout, self.step_generator(batch_idx, stream=1))
+        seconds = time.perf_counter() - t0
+        n = rollout.num_rollouts
+        log = {f"train/{k}": v for k, v in stats.items()}
+        log.update(self._reward_metrics(rollout, "train"))
+        assert rollout.keep is not None
+        assert rollout.advantages is not None
+        assert rollout.total is not None
+        log["train/reward"] = rollout.total.mean()
+        log["train/kept_rollouts"] = rollout.keep.float().sum()
+        log["train/dropped_groups"] = (~rollout.keep).float().sum() / self.num_generations
+        log["train/advantage_abs"] = rollout.advantages.abs().mean()
+        log["train/response_length"] = rollout.response_mask.float().sum(dim=1).mean()
+        log["train/rollout_nfe"] = torch.tensor(float(rollout.nfe))
+        t = self.timers
+        log["time/rollout"] = torch.tensor(t["generate"] + t["decode"])
+        log["time/scoring"] = torch.tensor(t["reward"] + t["advantage"])
+        log["time/training"] = torch.tensor(t["logp_old"] + t["logp_ref"] + t["forward_backward"] + t["optimizer"])
+        log["time/step"] = torch.tensor(seconds)
+        log["time/outside_model"] = torch.tensor(seconds - sum(t[k] for k in MODEL_TIMERS))
+        for key in ("data_errors", "dropped"):
+            if key in batch:
+                log[f"data/{key}"] = batch[key].float()
+        bar = {"train/accuracy", "train/reward"}
+        self.log_dict({k: v.float() for k, v in log.items() if k not in bar}, batch_size=n)
+        self.log_dict({k: v.float() for k, v in log.items() if k in bar}, batch_size=n, prog_bar=True)
+
+    def _reward_metrics(self, rollout: Rollout, prefix: str) -> dict[str, Tensor]:
+        log = {f"{prefix}/reward/{name}": _nanmean(s) for name, s in rollout.rewards.items()}
+        correct = self.correct(rollout)
+        if correct is not None:
+            log[f"{prefix}/accuracy"] = _nanmean(correct)
+        return log
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: dict[str, Any], batch_idx: int) -> Rollout:
+        """One completion per held-out prompt with ``eval_sampler`` (same draws at every evaluation)."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return self.rollout(batch, self.eval_sampler, 1, self.step_generator(batch_idx, stream=2, per_step=False))
+        finally:
+            self.net.train(was_training)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # type: ignore[override]
+        """Held-out rewards and accuracy (``val/reward/<name>``, ``val/accuracy``)."""
+        rollout = self.evaluate_batch(batch, batch_idx)
+        for key, value in self._reward_metrics(rollout, "val").items():
+            self.log(key, value, batch_size=rollout.num_rollouts, sync_dist=True, prog_bar=key == "val/accuracy")
+
+    def heldout_metrics(self) -> dict[str, float]:
+        """Accuracy and mean rewards over the whole held-out set (``datamodule.val_dataloader()``), as floats."""
+        dm = self.trainer.datamodule  # type: ignore[attr-defined]
+        loaders = dm.val_dataloader()
+        loader = loaders[0] if isinstance(loaders, list) else loaders
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, float] = defaultdict(float)
+        prompts = 0
+        for i, batch in enumerate(loader):
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            rollout = self.evaluate_batch(batch, i)
+            prompts += rollout.num_rollouts
+            per = dict(rollout.rewards)
+            correct = self.correct(rollout)
+            if correct is not None:
+                per["accuracy"] = correct
+            for name, s in per.items():
+                applies = ~torch.isnan(s)
+                sums[name] += float(torch.where(applies, s, 0.0).sum())
+                counts[name] += float(applies.sum())
+        out = {name: sums[name] / max(1.0, counts[name]) for name in sums}
+        out["prompts"] = float(prompts)
+        return out
+
+    def on_train_start(self) -> None:
+        """Score the held-out prompts before the first update (logged at step 0; the recipe prints before → after)."""
+        if self.trainer.sanity_checking or self.trainer.datamodule is None:  # type: ignore[attr-defined]
+            return
+        self._heldout_before = self.heldout_metrics()
+        if self.logger is not None:
+            self.logger.log_metrics({f"heldout_before/{k}": v for k, v in self._heldout_before.items()}, step=0)
+        rank_zero_info(f"held-out before UniGRPO: {self._format(self._heldout_before)}")
+
+    def on_train_end(self) -> None:
+        """Score the same held-out prompts after training and report both."""
+        if self.trainer.datamodule is None:  # type: ignore[attr-defined]
+            return
+        after = self.heldout_metrics()
+        if self.logger is not None:
+            self.logger.log_metrics({f"heldout_after/{k}": v for k, v in after.items()}, step=self.global_step)
+        before = self._heldout_before
+        msg = f"held-out after UniGRPO: {self._format(after)}"
+        if before is not None and "accuracy" in before:
+            msg += (
+                f" | accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} on {int(after['prompts'])} "
+                "held-out prompts"
+            )
+        rank_zero_info(msg)
+        self.heldout_after = after
+
+    @staticmethod
+    def _format(metrics: dict[str, float]) -> str:
+        return ", ".join(f"{k}={v:.3f}" if k != "prompts" else f"prompts={int(v)}" for k, v in metrics.items())
