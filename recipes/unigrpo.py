@@ -14,6 +14,7 @@ configs); later runs load it. The run logs the held-out accuracy before and afte
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -60,6 +61,10 @@ def ensure_warm_start(cache_dir: str | Path | None = None) -> Path:
         )
         staged = Path(work) / "backbone"
         cli.model.net.save_pretrained(staged)
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+        record = {"steps": cli.trainer.global_step, "configs": [str(p) for p in WARM_START_CONFIGS], **metrics}
+        (staged / "warm_start.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"warm start: {record}", flush=True)
         try:
             os.replace(staged, out)
         except OSError:  # another process won the race: its copy is as good as ours

@@ -25,23 +25,13 @@ from torch import Tensor
 
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.data.multimodal import t2i_prefix
+from dllm_zoo.data.prompts import left_pad
 from dllm_zoo.evaluation import evaluate_task
 from dllm_zoo.samplers.base import Sampler
 from dllm_zoo.samplers.maskgit import MaskGITSampler
 from dllm_zoo.tokenizers.image import ImageTokenizer, PaletteTokenizer
 from dllm_zoo.tokenizers.layout import TokenLayout
 from dllm_zoo.tokenizers.text import TextTokenizer
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-pad id lists: ``ids`` ``[B, P]`` int64 and ``mask`` ``[B, P]`` bool (True = real)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = True
-    return ids, mask
 
 
 def t2i_prompts(tokenizer: TextTokenizer, captions: list[str], text_len: int) -> tuple[Tensor, Tensor]:

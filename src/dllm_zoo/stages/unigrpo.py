@@ -467,6 +467,10 @@ class UniGRPO(DiffusionStage):
         for key in ("data_errors", "dropped"):
             if key in batch:
                 log[f"data/{key}"] = batch[key].float()
+        for reward in self.rewards:  # failure counters of rewards that keep them (CodeExecution: timeouts, crashes…)
+            counters = getattr(reward, "stats", None)
+            if callable(counters):
+                log.update({f"reward_stats/{reward.name}/{k}": torch.tensor(float(v)) for k, v in counters().items()})
         bar = {"train/accuracy", "train/reward"}
         self.log_dict({k: v.float() for k, v in log.items() if k not in bar}, batch_size=n)
         self.log_dict({k: v.float() for k, v in log.items() if k in bar}, batch_size=n, prog_bar=True)
