@@ -4,11 +4,12 @@
     python benchmarks/unigrpo_step.py --pretrained DIR         # from a warm start (rewards then vary)
 
 Runs the :class:`~dllm_zoo.stages.UniGRPO` stage under ``Trainer.fit`` with the default recipe's settings (8 prompts x
-8 generations, 64-token canvases, 32 sampler steps, μ = 2, KL against a frozen reference, correctness + format
-rewards). For every RL step after ``--warmup`` it records the wall time between consecutive batch ends (data loading,
-Lightning hooks and logging included) and the stage's timers: ``generate`` (the sampler), ``logp_old`` /
-``logp_ref`` (no-grad passes), ``forward_backward`` (the policy's passes with gradients); the rest — decoding,
-rewards, advantages, masks, optimizer step, logging, data — is the time outside the model. Target: under 10 %.
+8 generations, 64-token canvases, 64 sampler steps in random commit order, μ = 2, KL against a frozen reference,
+correctness + format rewards). For every RL step after ``--warmup`` it records the wall time between consecutive batch
+ends (data loading, Lightning hooks and logging included) and the stage's timers: ``generate`` (the sampler),
+``logp_old`` / ``logp_ref`` (no-grad passes), ``forward_backward`` (the policy's passes with gradients); the rest —
+decoding, rewards, advantages, masks, optimizer step, logging, data — is the time outside the model. Target:
+under 10 %.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dllm_zoo.backbones import LLaDABackbone
 from dllm_zoo.data import Arithmetic, PromptDataModule
 from dllm_zoo.rewards import ArithmeticCorrectness, ThinkFormat
 from dllm_zoo.rl import ClippedSurrogate, UniformlySpacedMasking
-from dllm_zoo.samplers import LLaDASampler
+from dllm_zoo.samplers import LLaDASampler, RandomConfidence
 from dllm_zoo.stages import OptimConfig, UniGRPO
 from dllm_zoo.stages.unigrpo import MODEL_TIMERS
 
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--inner", type=int, default=2)
     parser.add_argument("--gen-length", type=int, default=64)
-    parser.add_argument("--sampler-steps", type=int, default=32)
+    parser.add_argument("--sampler-steps", type=int, default=64)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "unigrpo_step.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -67,11 +68,15 @@ def main() -> None:
     stage = UniGRPO(
         backbone=backbone,
         sampler=LLaDASampler(
-            gen_length=args.gen_length, block_length=args.gen_length, steps=args.sampler_steps, temperature=1.0
+            gen_length=args.gen_length,
+            block_length=args.gen_length,
+            steps=args.sampler_steps,
+            temperature=1.0,
+            confidence=RandomConfidence(),
         ),
         rewards=[ArithmeticCorrectness(), ThinkFormat()],
         reward_weights=[2.0, 0.5],
-        objective=ClippedSurrogate(eps=0.2, beta=0.01, kl_against="reference"),
+        objective=ClippedSurrogate(eps=0.2, beta=0.04, kl_against="reference"),
         masking=UniformlySpacedMasking(),
         num_generations=args.generations,
         inner_iterations=args.inner,

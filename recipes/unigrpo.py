@@ -6,9 +6,11 @@ python recipes/unigrpo.py fit --warm_start none --config my.yaml  # the backbone
 python recipes/unigrpo.py fit --print_config                    # every option, resolved
 
 ``--warm_start auto`` (the default) trains the policy's starting point with our own SFT recipe
-(``recipes/pretrain.py`` + ``configs/pretrain/sft_arithmetic.yaml`` + ``configs/unigrpo/warm_start.yaml``) once, and
-caches the result as a backbone directory under ``$DLLM_ZOO_CACHE/warm_start/`` (keyed by the hash of those
-configs); later runs load it. The run logs the held-out accuracy before and after RL on the same prompts.
+in two phases, once: ``recipes/pretrain.py`` + ``configs/pretrain/sft_arithmetic.yaml`` +
+``configs/unigrpo/warm_start.yaml`` teaches the worked procedure, then ``configs/unigrpo/warm_start_terse.yaml``
+continues from it on mostly direct answers. Each phase is cached as a backbone directory under
+``$DLLM_ZOO_CACHE/warm_start/`` (keyed by the hash of its configs); later runs load it.
+The run logs the held-out accuracy before and after RL on the same prompts.
 """
 
 from __future__ import annotations
@@ -29,40 +31,59 @@ from dllm_zoo.stages import MaskedDiffusionPretraining, UniGRPO
 
 CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "unigrpo" / "default.yaml"
-# The warm start is the SFT recipe's embedded default plus these two files, in this order.
-WARM_START_CONFIGS = (CONFIGS / "pretrain" / "sft_arithmetic.yaml", CONFIGS / "unigrpo" / "warm_start.yaml")
+# The warm start: the SFT recipe's embedded default plus these files, in two cached phases. Phase 1 teaches the
+# worked procedure; phase 2 continues from it on answers that are mostly direct, so the policy can reason but
+# rarely does. RL then has something to discover (reasoning pays) that greedy decoding of the warm start misses.
+WARM_START_PHASES: tuple[tuple[str, tuple[Path, ...]], ...] = (
+    ("sft", (CONFIGS / "pretrain" / "sft_arithmetic.yaml", CONFIGS / "unigrpo" / "warm_start.yaml")),
+    ("terse", (CONFIGS / "unigrpo" / "warm_start_terse.yaml",)),
+)
+
+
+def _phase_dirs(cache_dir: str | Path | None) -> list[tuple[Path, tuple[Path, ...]]]:
+    """``(directory, configs)`` of each phase; a phase's configs include those of the phases before it."""
+    digest = hashlib.sha256((CONFIGS / "pretrain" / "default.yaml").read_bytes())
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "warm_start"
+    out, configs = [], ()
+    for name, files in WARM_START_PHASES:
+        for path in files:
+            digest.update(path.read_bytes())
+        configs = (*configs, *files)
+        out.append((root / f"unigrpo-arithmetic-{name}-{digest.hexdigest()[:12]}", configs))
+    return out
 
 
 def warm_start_dir(cache_dir: str | Path | None = None) -> Path:
-    """Where the cached warm start lives (the name carries the hash of the SFT configs)."""
-    digest = hashlib.sha256()
-    for path in (CONFIGS / "pretrain" / "default.yaml", *WARM_START_CONFIGS):
-        digest.update(path.read_bytes())
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return root / "warm_start" / f"unigrpo-arithmetic-sft-{digest.hexdigest()[:12]}"
+    """Where the cached warm start (the last phase) lives; the name carries the hash of the SFT configs."""
+    return _phase_dirs(cache_dir)[-1][0]
 
 
-def ensure_warm_start(cache_dir: str | Path | None = None) -> Path:
-    """The cached warm-start backbone directory, trained by the SFT recipe first if it is missing.
-
-    The directory is written atomically (a temporary sibling renamed into place), so an interrupted SFT run never
-    leaves a half-written warm start behind.
-    """
-    out = warm_start_dir(cache_dir)
-    if (out / "config.json").is_file():
-        return out
+def _train_phase(out: Path, configs: tuple[Path, ...], start: Path | None) -> None:
+    """Run the SFT recipe with ``configs`` (from the backbone directory ``start``) and save it atomically to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".sft-") as work:
-        print(f"warm start: training the SFT policy once with recipes/pretrain.py (cached in {out})", flush=True)
-        args = ["fit", *(f"--config={p}" for p in WARM_START_CONFIGS), f"--trainer.default_root_dir={work}"]
+        print(f"warm start: training {out.name} with recipes/pretrain.py (cached in {out.parent})", flush=True)
+        args = ["fit", *(f"--config={p}" for p in configs), f"--trainer.default_root_dir={work}"]
         args += [f"--trainer.logger.init_args.save_dir={work}"]
+        if start is not None:  # a YAML file, because `config: null` cannot be given as a flag
+            init = Path(work) / "init.yaml"
+            init.write_text(
+                "model:\n  init_args:\n    backbone:\n      class_path: dllm_zoo.backbones.LLaDABackbone\n"
+                f"      init_args:\n        config: null\n        pretrained: {json.dumps(str(start))}\n"
+            )
+            args.append(f"--config={init}")
         cli = run_recipe(
             MaskedDiffusionPretraining, TextDiffusionDataModule, CONFIGS / "pretrain" / "default.yaml", args
         )
         staged = Path(work) / "backbone"
         cli.model.net.save_pretrained(staged)
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
-        record = {"steps": cli.trainer.global_step, "configs": [str(p) for p in WARM_START_CONFIGS], **metrics}
+        record = {
+            "steps": cli.trainer.global_step,
+            "configs": [str(p) for p in configs],
+            "start": None if start is None else str(start),
+            **metrics,
+        }
         (staged / "warm_start.json").write_text(json.dumps(record, indent=2) + "\n")
         print(f"warm start: {record}", flush=True)
         try:
@@ -71,7 +92,21 @@ def ensure_warm_start(cache_dir: str | Path | None = None) -> Path:
             if not (out / "config.json").is_file():
                 raise
         shutil.rmtree(staged, ignore_errors=True)
-    return out
+
+
+def ensure_warm_start(cache_dir: str | Path | None = None) -> Path:
+    """The cached warm-start backbone directory, trained phase by phase by the SFT recipe where missing.
+
+    Each phase is written atomically (a temporary sibling renamed into place), so an interrupted SFT run never
+    leaves a half-written warm start behind, and a finished phase is reused.
+    """
+    start: Path | None = None
+    for out, configs in _phase_dirs(cache_dir):
+        if not (out / "config.json").is_file():
+            _train_phase(out, configs, start)
+        start = out
+    assert start is not None
+    return start
 
 
 class UniGRPOCLI(LightningCLI):

@@ -144,3 +144,16 @@ def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPat
     assert Arithmetic().cache_path().parent == tmp_path / "c"
     monkeypatch.delenv("DLLM_ZOO_CACHE")
     assert default_cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "dllm_zoo"
+
+
+def test_arithmetic_worked_fraction_keeps_questions_and_mixes_direct_answers() -> None:
+    full = list(Arithmetic(num_train=400, num_val=8).generate("train"))
+    mixed = list(Arithmetic(num_train=400, num_val=8, worked_fraction=0.3).generate("train"))
+    assert [s["prompt"] for s in full] == [s["prompt"] for s in mixed]  # the questions do not depend on it
+    direct = [s for s in mixed if s["response"].startswith("<think></think> ")]
+    assert len(direct) == 273  # pinned: ~70% answer directly
+    task = Arithmetic(num_train=400, num_val=8, worked_fraction=0.3)
+    assert all(task.check(s["response"], s) for s in mixed)
+    assert all(s["response"] != "<think></think> " + s["answer"] for s in task.generate("val"))  # val is worked
+    with pytest.raises(ValueError, match="worked_fraction"):
+        Arithmetic(worked_fraction=1.5)

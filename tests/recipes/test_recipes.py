@@ -30,6 +30,12 @@ def test_every_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture
             "MultiTaskDataModule",
             "MMaDAPretraining" if "cot" not in config.name else "MixedCoTSFT",
         ),
+        "mmada_parallel": (
+            "LLaDABackbone",
+            "ParallelDataModule",
+            "ParallelSampler",
+            "ParallelSFT" if config.name == "default.yaml" else "ParaRL",
+        ),
     }
     for name in expected[recipe]:
         assert name in printed
@@ -133,3 +139,51 @@ trainer:
     assert {"val/t2i_alignment", "val/t2i_f1", "val/mmu_accuracy", "val/text_accuracy", "train/t2i_loss"} <= scalars
     assert "val/t2i_samples" in events.Tags()["images"]
     assert (version / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_mmada_parallel_recipe_runs_a_few_steps_and_prints_the_parabench_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small_eval = tmp_path / "eval.yaml"
+    small_eval.write_text(
+        """
+trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {save_last: true}
+    - class_path: dllm_zoo.callbacks.ParaBenchEvaluation
+      init_args:
+        sampler:
+          class_path: dllm_zoo.samplers.ParallelSampler
+          init_args: {text_len: 192, num_image_tokens: 81, codebook_size: 16, steps: 2}
+        limit: 2
+        batch_size: 4
+        every_n_val: 0
+"""
+    )
+    recipe_main("mmada_parallel")(
+        [
+            "fit",
+            "--config",
+            str(small_eval),
+            "--trainer.log_every_n_steps=1",
+            "--trainer.max_steps=3",
+            "--trainer.val_check_interval=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--model.optim.warmup_steps=1",
+            "--data.init_args.batch_size=2",
+        ]
+    )
+    version = tmp_path / "tiny_shapes" / "version_0"
+    assert "| edit | 2 |" in capsys.readouterr().out
+    assert (version / "parabench.md").is_file()
+    assert (version / "parabench.json").is_file()
+    assert (version / "checkpoints" / "last.ckpt").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/text_loss", "train/image_loss", "val/loss", "parabench/overall/output_alignment"} <= scalars

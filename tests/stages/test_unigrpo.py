@@ -1,4 +1,5 @@
 import copy
+import json
 import runpy
 from pathlib import Path
 from typing import Any
@@ -244,15 +245,28 @@ data:
 """
     )
     ensure = recipe["ensure_warm_start"]
-    ensure.__globals__["WARM_START_CONFIGS"] = (*recipe["WARM_START_CONFIGS"], tiny)
-    out = ensure(tmp_path / "cache")
+    phases = recipe["WARM_START_PHASES"]
+    ensure.__globals__["WARM_START_PHASES"] = tuple((name, (*files, tiny)) for name, files in phases)
+    try:
+        out = ensure(tmp_path / "cache")
+    finally:
+        ensure.__globals__["WARM_START_PHASES"] = phases
     assert (out / "config.json").is_file()
     assert out.parent == tmp_path / "cache" / "warm_start"
-    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary directory left behind
+    # one directory per phase and no temporary directory left behind
+    assert sorted(p.name.split("-")[2] for p in out.parent.iterdir()) == ["sft", "terse"]
+    record = json.loads((out / "warm_start.json").read_text())
+    assert record["start"] is not None
+    assert "unigrpo-arithmetic-sft-" in record["start"]  # phase 2 continued from phase 1
+    assert record["steps"] == 3
     loaded = LLaDABackbone(pretrained=str(out))
     assert loaded.config == LLaDABackbone("tiny").config
     stamp = (out / "config.json").stat().st_mtime_ns
-    assert ensure(tmp_path / "cache") == out
+    ensure.__globals__["WARM_START_PHASES"] = tuple((name, (*files, tiny)) for name, files in phases)
+    try:
+        assert ensure(tmp_path / "cache") == out
+    finally:
+        ensure.__globals__["WARM_START_PHASES"] = phases
     assert (out / "config.json").stat().st_mtime_ns == stamp
 
 

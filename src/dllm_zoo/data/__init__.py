@@ -19,6 +19,7 @@ from dllm_zoo.data.multimodal import (
 )
 from dllm_zoo.data.multitask import DataSource, MultiTaskDataModule, SourceMixture, TaskData
 from dllm_zoo.data.packing import PackSequences, packed_sample_ids
+from dllm_zoo.data.parallel import ParallelDataModule
 from dllm_zoo.data.prompts import CollatePrompts, EncodePrompt, PromptDataModule, left_pad, prompt_token_ids
 from dllm_zoo.data.sequences import (
     BuildSequence,
@@ -48,6 +49,7 @@ __all__ = [
     "MultiTaskDataModule",
     "MultimodalBuilder",
     "PackSequences",
+    "ParallelDataModule",
     "PromptDataModule",
     "R2IBuilder",
     "ResumableDataLoader",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from dllm_zoo.data.loader import ResumableDataLoader
 from dllm_zoo.data.packing import PackSequences
@@ -17,6 +19,18 @@ from dllm_zoo.data.synthetic.arithmetic import Arithmetic
 from dllm_zoo.data.synthetic.base import SyntheticTask
 from dllm_zoo.tokenizers.layout import TokenLayout
 from dllm_zoo.tokenizers.text import ByteTokenizer, TextTokenizer
+
+
+class _Take(IterableDataset):
+    """The first ``count`` items of an iterable dataset."""
+
+    def __init__(self, dataset: IterableDataset, count: int) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.count = count
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.dataset), self.count)
 
 
 class TextDiffusionDataModule(L.LightningDataModule):
@@ -194,6 +208,37 @@ class TextDiffusionDataModule(L.LightningDataModule):
             pack=self._packer(),
         )
         return DataLoader(stream, self.batch_size, num_workers=self.num_workers, collate_fn=self._collate_fn())
+
+    def sample_dataloader(self, num_samples: int, seed: int = 0, batch_size: int | None = None) -> DataLoader:
+        """Batches of ``num_samples`` training rows drawn at random, the same on every rank.
+
+        For statistics of the training data (e.g. ParaRL's reward normalisation from "a random 1% of the training
+        data"). A new shuffled pass over the training source, read in this process with seed ``seed``: it neither
+        advances nor resets :meth:`train_dataloader`, and it is as random as the training shuffle (shard order and
+        a ``shuffle_buffer``-sample buffer).
+
+        Args:
+            num_samples: Rows in all (the last batch may be smaller).
+            seed: Seed of the shuffle.
+            batch_size: Rows per batch; default ``batch_size``.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if self._train_source is None:
+            self.setup("fit")
+        stream = SampleStream(
+            self._train_source,
+            transform=self._transform(),
+            shuffle=True,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=seed,
+            split_by="samples",
+            rank=0,
+            world_size=1,
+            flag="--data.train",
+            pack=self._packer(),
+        )
+        return DataLoader(_Take(stream, num_samples), batch_size or self.batch_size, collate_fn=self._collate_fn())
 
     def state_dict(self) -> dict[str, Any]:
         """The train loader's position, also kept here (see :meth:`load_state_dict`)."""

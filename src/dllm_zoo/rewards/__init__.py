@@ -9,6 +9,7 @@ from dllm_zoo.rewards.clip import ClipScore
 from dllm_zoo.rewards.code import CodeExecution
 from dllm_zoo.rewards.correctness import ArithmeticCorrectness, ShapesAnswerCorrectness
 from dllm_zoo.rewards.format import ThinkFormat, after_think
+from dllm_zoo.rewards.partial import PartialAlignment
 from dllm_zoo.rewards.routing import ForTasks
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ClipScore",
     "CodeExecution",
     "ForTasks",
+    "PartialAlignment",
     "Reward",
     "ShapesAlignment",
     "ShapesAnswerCorrectness",

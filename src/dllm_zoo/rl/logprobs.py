@@ -38,9 +38,27 @@ def masked_token_logprobs(
     """
     out = model(noisy, attention_mask=attention_mask, position_ids=position_ids, logits_at=targets)
     assert out.logits is not None  # logits were requested
-    logp_all = F.log_softmax(out.logits.float(), dim=-1)  # [M, V]
+    return taken_logprobs(out.logits, labels, targets, with_entropy)
+
+
+def taken_logprobs(
+    logits: Tensor, labels: Tensor, targets: Tensor, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probabilities of the taken tokens from the logits at the target positions, scattered back to ``[N, L]``.
+
+    Args:
+        logits: ``[M, V]`` logits at the ``M`` True positions of ``targets``, in row-major order.
+        labels: ``[N, L]`` int64 taken tokens.
+        targets: ``[N, L]`` bool.
+        with_entropy: Also return the predictive entropy there (no gradient).
+
+    Returns:
+        ``(logp [N, L] float32, entropy [N, L] float32 | None)``, zero outside ``targets``; the log-softmax runs in
+        float32.
+    """
+    logp_all = F.log_softmax(logits.float(), dim=-1)  # [M, V]
     taken = logp_all.gather(-1, labels[targets][:, None]).squeeze(-1)
-    dense = torch.zeros(noisy.shape, dtype=torch.float32, device=noisy.device).masked_scatter(targets, taken)
+    dense = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device).masked_scatter(targets, taken)
     entropy = None
     if with_entropy:
         with torch.no_grad():

@@ -97,6 +97,46 @@ def _gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.
     return -torch.log((-torch.log(u)).clamp(min=1e-20))
 
 
+def guided_logits(logits: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance ``(1 + w)·l_cond − w·l_uncond`` of a ``[2B, ...]`` forward (cond rows first).
+
+    Args:
+        logits: ``[2B, ...]``: the conditional rows, then the unconditional rows in the same order.
+        scale: ``w``; 0 returns the conditional rows' values.
+
+    Returns:
+        ``[B, ...]`` guided logits.
+    """
+    cond, uncond = logits.chunk(2, dim=0)
+    return (1 + scale) * cond - scale * uncond
+
+
+def draw_codes(
+    logits: Tensor, temperature: float, generator: torch.Generator | None = None, greedy: bool = False
+) -> tuple[Tensor, Tensor]:
+    """One MaskGIT draw: a code per position and its confidence ``log p(code) + τ·Gumbel``.
+
+    Args:
+        logits: ``[B, N, C]`` (guided) logits over the codebook.
+        temperature: ``τ_s``, scale of the Gumbel noise on the confidence; no noise is drawn when it is 0.
+        generator: Random source of the categorical draw (first) and the Gumbel noise (second).
+        greedy: Take the most probable code instead of drawing one from ``softmax(logits)``.
+
+    Returns:
+        ``(codes [B, N] int64 in [0, C), confidence [B, N] float32)``.
+    """
+    logp = torch.log_softmax(logits, dim=-1)
+    if greedy:
+        codes = logp.argmax(dim=-1)
+    else:
+        codes = torch.multinomial(logp.exp().reshape(-1, logp.shape[-1]), 1, generator=generator)
+        codes = codes.view(logp.shape[:-1])
+    conf = logp.gather(-1, codes[..., None]).squeeze(-1)
+    if temperature > 0:
+        conf = conf + temperature * _gumbel(conf.shape, generator, conf.device)
+    return codes, conf
+
+
 class MaskGITSampler(Sampler):
     """MMaDA's text-to-image sampler: MaskGIT confidence re-masking over ``N`` image codes, with CFG.
 
@@ -289,19 +329,16 @@ class MaskGITSampler(Sampler):
             assert out.logits is not None
             logits = out.logits[..., off : off + codebook].float()  # [rows, N, C]
             if cfg:
-                cond, uncond = logits.chunk(2, dim=0)
-                logits = (1 + w) * cond - w * uncond
-            logp = torch.log_softmax(logits, dim=-1)  # [B, N, C]
-            sampled = torch.multinomial(logp.exp().reshape(b * n, codebook), 1, generator=generator).view(b, n)
+                logits = guided_logits(logits, w)
+            # The last step commits everything: its confidence is unused, so no Gumbel noise is drawn there.
+            last = s == steps - 1
+            tau = 0.0 if last else gumbel_temperature(s, steps, self.temperature, self.compounding_temperature)
+            sampled, conf = draw_codes(logits, tau, generator)  # [B, N] each
             sampled_ids = torch.where(unknown, sampled + off, image)
-            if s == steps - 1:
+            if last:
                 commit = unknown
                 new_image = sampled_ids
             else:
-                conf = logp.gather(-1, sampled[..., None]).squeeze(-1)  # [B, N]
-                tau = gumbel_temperature(s, steps, self.temperature, self.compounding_temperature)
-                if tau > 0:
-                    conf = conf + tau * _gumbel(conf.shape, generator, device)
                 conf = conf.masked_fill(~unknown, torch.inf)
                 mask_len = torch.minimum(unknown.sum(dim=1) - 1, targets[s]).clamp(min=1)  # [B]
                 ranks = conf.argsort(dim=1, stable=True).argsort(dim=1)

@@ -13,34 +13,28 @@ One training step = one batch of prompts:
    ``μ`` masks are computed once before the first update (so the first iteration's ratio is 1), then each iteration
    takes one optimizer step on the :class:`~dllm_zoo.rl.objectives.PolicyObjective`.
 
-The reference policy of a KL term against the reference is a frozen copy of the initial policy, or — with a LoRA
-adapter — the same backbone with the adapter disabled (no second copy in memory).
+The reference handling, the update loop, the timers and the held-out report are those of
+:class:`~dllm_zoo.stages.policy_gradient.PolicyGradientStage` (shared with ParaRL).
 
 Trainer steps count optimizer steps: ``--trainer.max_steps`` = RL steps × ``inner_iterations``.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from jsonargparse import lazy_instance
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from dllm_zoo.adapters import LoRA
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.backbones.llada import LLaDABackbone
-from dllm_zoo.parallel import is_sharded
 from dllm_zoo.rewards.base import Reward
 from dllm_zoo.rl.advantages import informative_groups
-from dllm_zoo.rl.logprobs import masked_token_logprobs
 from dllm_zoo.rl.masking import ResponseMasking, UniformlySpacedMasking
 from dllm_zoo.rl.objectives import ClippedSurrogate, PolicyObjective
 from dllm_zoo.rl.rollout import (
@@ -53,15 +47,11 @@ from dllm_zoo.rl.rollout import (
 )
 from dllm_zoo.samplers.base import Sampler
 from dllm_zoo.samplers.semi_ar import LLaDASampler
-from dllm_zoo.stages.base import BackboneFactory, DiffusionStage
+from dllm_zoo.stages.base import BackboneFactory
 from dllm_zoo.stages.optim import OptimConfig
+from dllm_zoo.stages.policy_gradient import MODEL_TIMERS, PolicyGradientStage, ReferenceKind
 from dllm_zoo.tokenizers.layout import EOT
 from dllm_zoo.tokenizers.text import TextTokenizer
-
-ReferenceKind = Literal["auto", "copy", "adapter"]
-
-# Timer keys whose time is spent in model forward/backward passes (the rest is bookkeeping; see benchmarks/).
-MODEL_TIMERS = ("generate", "logp_old", "logp_ref", "forward_backward")
 
 
 def _nanmean(x: Tensor) -> Tensor:
@@ -69,7 +59,7 @@ def _nanmean(x: Tensor) -> Tensor:
     return torch.where(applies, x, 0.0).sum() / applies.sum().clamp(min=1)
 
 
-class UniGRPO(DiffusionStage):
+class UniGRPO(PolicyGradientStage):
     """UniGRPO policy optimisation of a masked-diffusion LM (manual optimisation, ``μ`` inner iterations).
 
     Batches come from :class:`~dllm_zoo.data.prompts.PromptDataModule`: ``prompt_ids``/``prompt_mask`` ``[B, P]``
@@ -105,6 +95,9 @@ class UniGRPO(DiffusionStage):
         adapter: Train a LoRA/QLoRA adapter instead of every weight.
     """
 
+    algorithm: ClassVar[str] = "UniGRPO"
+    headline_metric: ClassVar[str | None] = "accuracy"
+
     def __init__(
         self,
         backbone: BackboneFactory | Backbone = lambda: LLaDABackbone("tiny"),
@@ -131,7 +124,6 @@ class UniGRPO(DiffusionStage):
         seed: int = 0,
         adapter: LoRA | None = None,
     ) -> None:
-        super().__init__(backbone, optim, seed, adapter)
         rewards = list(rewards)
         if not rewards:
             raise ValueError("--model.rewards is empty: give at least one reward (class_path: ArithmeticCorrectness …)")
@@ -146,40 +138,32 @@ class UniGRPO(DiffusionStage):
             raise ValueError(f"--model.accuracy_reward={accuracy_reward!r} is not one of the reward names {names}")
         if filter_groups and accuracy_reward is None:
             raise ValueError("--model.filter_groups needs --model.accuracy_reward (the reward that defines correct)")
-        if num_generations < 2:
-            raise ValueError(f"--model.num_generations must be >= 2 (group advantages), got {num_generations}")
-        if inner_iterations < 1:
-            raise ValueError(f"--model.inner_iterations must be >= 1, got {inner_iterations}")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"--model.micro_batch_size must be >= 1, got {micro_batch_size}")
-        if reference not in ("auto", "copy", "adapter"):
-            raise ValueError(f"--model.reference must be auto, copy or adapter, got {reference!r}")
-        if reference == "adapter" and adapter is None:
-            raise ValueError("--model.reference=adapter needs --model.adapter (the base model is the reference)")
-        self.automatic_optimization = False
+        super().__init__(
+            backbone,
+            objective,
+            num_generations,
+            inner_iterations,
+            micro_batch_size,
+            reference,
+            max_grad_norm,
+            tokenizer,
+            optim,
+            seed,
+            adapter,
+        )
         self.sampler = sampler
         self.eval_sampler = eval_sampler if eval_sampler is not None else sampler
         self.rewards = rewards
         weights = [1.0] * len(rewards) if reward_weights is None else [float(w) for w in reward_weights]
         self.reward_weights = dict(zip(names, weights))
         self.reward_aggregation: RewardAggregation = reward_aggregation
-        self.objective = objective
         self.masking = masking
-        self.num_generations = num_generations
-        self.inner_iterations = inner_iterations
-        self.micro_batch_size = micro_batch_size
         self.accuracy_reward = accuracy_reward
         self.filter_groups = filter_groups
         self.filter_low = filter_low
         self.filter_high = filter_high
         self.advantage_eps = advantage_eps
         self.post_num = post_num
-        self.reference_kind = reference
-        self.max_grad_norm = max_grad_norm
-        self._tokenizer = tokenizer
-        self.reference: Backbone | None = None
-        self.timers: dict[str, float] = defaultdict(float)
-        self._heldout_before: dict[str, float] | None = None
         self.save_hyperparameters(
             ignore=[
                 "backbone",
@@ -195,78 +179,6 @@ class UniGRPO(DiffusionStage):
         )
         self.hparams["optim"] = dataclasses.asdict(optim)
         self.hparams["adapter"] = None if self.adapter is None else self.adapter.to_dict()
-
-    # ------------------------------------------------------------------ model
-    def _uses_adapter_reference(self) -> bool:
-        return self.reference_kind == "adapter" or (self.reference_kind == "auto" and self.adapter is not None)
-
-    def configure_model(self) -> None:
-        """Build the policy (see :class:`DiffusionStage`) and, when the objective needs one, the frozen reference.
-
-        The copy is made here, before a checkpoint is restored, and is part of the state dict, so a resumed run keeps
-        the reference of the original start.
-        """
-        super().configure_model()
-        if not self.objective.needs_reference() or self._uses_adapter_reference() or self.reference is not None:
-            return
-        if is_sharded(self.net):
-            raise ValueError(
-                "a frozen reference copy of a sharded policy is not supported: train a LoRA adapter "
-                "(--model.adapter, the reference is then the base model) or set --model.objective.kl_against=old"
-            )
-        # Left in train mode like the policy (Lightning warns about eval-mode modules at fit start); it runs only
-        # under no_grad inside reference_context, which switches it to eval.
-        self.reference = copy.deepcopy(self.net).requires_grad_(False)
-
-    @contextmanager
-    def reference_context(self) -> Iterator[None]:
-        """Context in which :meth:`reference_model` computes the reference policy (adapter off, or the copy in eval)."""
-        if self._uses_adapter_reference():
-            with self.disable_adapter():
-                yield
-            return
-        assert self.reference is not None  # configure_model built it
-        self.reference.eval()
-        try:
-            yield
-        finally:
-            self.reference.train()
-
-    def reference_model(self) -> Backbone:
-        """The backbone that computes the reference (inside :meth:`reference_context`)."""
-        if self._uses_adapter_reference():
-            return self.net
-        assert self.reference is not None  # configure_model built it
-        return self.reference
-
-    @property
-    def tokenizer(self) -> TextTokenizer:
-        """The tokenizer decoding completions (given, or the datamodule's)."""
-        if self._tokenizer is not None:
-            return self._tokenizer
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        tok = getattr(dm, "tokenizer", None)
-        if not isinstance(tok, TextTokenizer):
-            raise ValueError(
-                "UniGRPO decodes completions with a text tokenizer: set --model.tokenizer or use a "
-                "datamodule with a `tokenizer` (PromptDataModule)"
-            )
-        return tok
-
-    # ------------------------------------------------------------------ timing
-    @contextmanager
-    def timed(self, key: str) -> Iterator[None]:
-        """Accumulate the wall time of the block into ``self.timers[key]`` (synchronising CUDA for honest numbers)."""
-        sync = self.device.type == "cuda"
-        if sync:
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if sync:
-                torch.cuda.synchronize(self.device)
-            self.timers[key] += time.perf_counter() - t0
 
     # ----------------------------------------------------------------- rollout
     def _stop_ids(self) -> Tensor:
@@ -360,18 +272,6 @@ class UniGRPO(DiffusionStage):
         noisy = torch.where(noisy_pos, self.layout.mask_id, rollout.tokens.expand_as(masks))
         return noisy.flatten(0, 1), masks.flatten(0, 1)
 
-    def _chunks(self, n: int) -> list[slice]:
-        size = n if self.micro_batch_size is None else self.micro_batch_size
-        return [slice(i, min(n, i + size)) for i in range(0, n, size)]
-
-    @torch.no_grad()
-    def _frozen_logprobs(self, model: Backbone, noisy: Tensor, labels: Tensor, targets: Tensor, attn: Tensor) -> Tensor:
-        parts = [
-            masked_token_logprobs(model, noisy[s], labels[s], targets[s], attention_mask=attn[s])[0]
-            for s in self._chunks(noisy.shape[0])
-        ]
-        return torch.cat(parts)
-
     def optimise(self, rollout: Rollout, generator: torch.Generator | None) -> dict[str, Tensor]:
         """The ``μ`` inner iterations on the kept completions; returns averaged diagnostics."""
         assert rollout.keep is not None
@@ -386,7 +286,6 @@ class UniGRPO(DiffusionStage):
             group=rollout.group[keep],
         )
         adv = rollout.advantages[keep]
-        stats: dict[str, list[Tensor]] = defaultdict(list)
         if sub.num_rollouts == 0:
             return {}
         mu = self.inner_iterations
@@ -396,45 +295,7 @@ class UniGRPO(DiffusionStage):
         attn = sub.attention_mask.repeat(copies, 1)
         adv_rows = adv.repeat(copies)
         rows = [self._rows(sub, masks[n]) for n in range(mu)]
-        with self.timed("logp_old"):
-            old = [self._frozen_logprobs(self.net, noisy, labels, targets, attn) for noisy, targets in rows]
-        ref: list[Tensor | None] = [None] * mu
-        if self.objective.needs_reference():
-            with self.timed("logp_ref"), self.reference_context():
-                model = self.reference_model()
-                ref = [self._frozen_logprobs(model, noisy, labels, targets, attn) for noisy, targets in rows]
-        opt = self.optimizers()
-        assert not isinstance(opt, list)  # configure_optimizers returns one optimizer
-        sched = self.lr_schedulers()
-        n_rows = labels.shape[0]
-        for n in range(mu):
-            noisy, targets = rows[n]
-            opt.zero_grad()
-            for s in self._chunks(n_rows):
-                with self.timed("forward_backward"):
-                    logp, entropy = masked_token_logprobs(
-                        self.net, noisy[s], labels[s], targets[s], attention_mask=attn[s], with_entropy=True
-                    )
-                    ref_s = None if ref[n] is None else ref[n][s]  # type: ignore[index]
-                    out = self.objective(logp, old[n][s], adv_rows[s], targets[s], ref_s)
-                    self.manual_backward(out.loss * ((s.stop - s.start) / n_rows))
-                assert entropy is not None
-                m = targets[s].float()
-                stats["loss"].append(out.loss.detach())
-                stats["surrogate"].append(out.surrogate)
-                stats["kl"].append(out.kl)
-                stats["clip_fraction"].append(out.clip_fraction)
-                stats["ratio"].append(out.ratio_mean)
-                stats["entropy"].append((entropy * m).sum() / m.sum().clamp(min=1))
-            with self.timed("optimizer"):
-                if self.max_grad_norm is not None:
-                    self.clip_gradients(
-                        opt.optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-                    )
-                opt.step()
-                if sched is not None:
-                    sched.step()  # type: ignore[union-attr]
-        return {k: torch.stack(v).mean() for k, v in stats.items()}
+        return self.policy_update([r[0] for r in rows], [r[1] for r in rows], labels, attn, adv_rows)
 
     # ----------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # type: ignore[override]
@@ -458,12 +319,7 @@ class UniGRPO(DiffusionStage):
         log["train/advantage_abs"] = rollout.advantages.abs().mean()
         log["train/response_length"] = rollout.response_mask.float().sum(dim=1).mean()
         log["train/rollout_nfe"] = torch.tensor(float(rollout.nfe))
-        t = self.timers
-        log["time/rollout"] = torch.tensor(t["generate"] + t["decode"])
-        log["time/scoring"] = torch.tensor(t["reward"] + t["advantage"])
-        log["time/training"] = torch.tensor(t["logp_old"] + t["logp_ref"] + t["forward_backward"] + t["optimizer"])
-        log["time/step"] = torch.tensor(seconds)
-        log["time/outside_model"] = torch.tensor(seconds - sum(t[k] for k in MODEL_TIMERS))
+        log.update(self.timing_metrics(seconds))
         for key in ("data_errors", "dropped"):
             if key in batch:
                 log[f"data/{key}"] = batch[key].float()
@@ -498,56 +354,14 @@ class UniGRPO(DiffusionStage):
         for key, value in self._reward_metrics(rollout, "val").items():
             self.log(key, value, batch_size=rollout.num_rollouts, sync_dist=True, prog_bar=key == "val/accuracy")
 
-    def heldout_metrics(self) -> dict[str, float]:
-        """Accuracy and mean rewards over the whole held-out set (``datamodule.val_dataloader()``), as floats."""
-        dm = self.trainer.datamodule  # type: ignore[attr-defined]
-        loaders = dm.val_dataloader()
-        loader = loaders[0] if isinstance(loaders, list) else loaders
-        sums: dict[str, float] = defaultdict(float)
-        counts: dict[str, float] = defaultdict(float)
-        prompts = 0
-        for i, batch in enumerate(loader):
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
-            rollout = self.evaluate_batch(batch, i)
-            prompts += rollout.num_rollouts
-            per = dict(rollout.rewards)
-            correct = self.correct(rollout)
-            if correct is not None:
-                per["accuracy"] = correct
-            for name, s in per.items():
-                applies = ~torch.isnan(s)
-                sums[name] += float(torch.where(applies, s, 0.0).sum())
-                counts[name] += float(applies.sum())
-        out = {name: sums[name] / max(1.0, counts[name]) for name in sums}
-        out["prompts"] = float(prompts)
-        return out
+    def heldout_scores(self, batch: dict[str, Any], batch_idx: int) -> tuple[int, dict[str, Tensor]]:
+        """Per held-out prompt: every reward, and ``accuracy`` when there is an accuracy reward."""
+        rollout = self.evaluate_batch(batch, batch_idx)
+        per = dict(rollout.rewards)
+        correct = self.correct(rollout)
+        if correct is not None:
+            per["accuracy"] = correct
+        return rollout.num_rollouts, per
 
-    def on_train_start(self) -> None:
-        """Score the held-out prompts before the first update (logged at step 0; the recipe prints before → after)."""
-        if self.trainer.sanity_checking or self.trainer.datamodule is None:  # type: ignore[attr-defined]
-            return
-        self._heldout_before = self.heldout_metrics()
-        if self.logger is not None:
-            self.logger.log_metrics({f"heldout_before/{k}": v for k, v in self._heldout_before.items()}, step=0)
-        rank_zero_info(f"held-out before UniGRPO: {self._format(self._heldout_before)}")
 
-    def on_train_end(self) -> None:
-        """Score the same held-out prompts after training and report both."""
-        if self.trainer.datamodule is None:  # type: ignore[attr-defined]
-            return
-        after = self.heldout_metrics()
-        if self.logger is not None:
-            self.logger.log_metrics({f"heldout_after/{k}": v for k, v in after.items()}, step=self.global_step)
-        before = self._heldout_before
-        msg = f"held-out after UniGRPO: {self._format(after)}"
-        if before is not None and "accuracy" in before:
-            msg += (
-                f" | accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} on {int(after['prompts'])} "
-                "held-out prompts"
-            )
-        rank_zero_info(msg)
-        self.heldout_after = after
-
-    @staticmethod
-    def _format(metrics: dict[str, float]) -> str:
-        return ", ".join(f"{k}={v:.3f}" if k != "prompts" else f"prompts={int(v)}" for k, v in metrics.items())
+__all__ = ["MODEL_TIMERS", "ReferenceKind", "UniGRPO"]

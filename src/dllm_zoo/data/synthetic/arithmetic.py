@@ -108,6 +108,10 @@ class Arithmetic(SyntheticTask):
         max_operand: Largest operand (difficulty: 9 = one digit, 99 = two digits, …).
         ops: Operators, any of ``"+"``, ``"-"``, ``"*"``.
         seed: Seed of the generator.
+        worked_fraction: Fraction of *training* responses that carry the worked trace; the others answer directly,
+            ``"<think></think> 85"``. Below 1 the task makes a policy that mostly answers directly but can reason:
+            the warm start of the RL recipes, where RL must discover that reasoning pays (validation responses
+            always carry the trace).
 
     Example:
         >>> task = Arithmetic(num_train=2, num_val=1, seed=0)
@@ -126,8 +130,11 @@ class Arithmetic(SyntheticTask):
         max_operand: int = 99,
         ops: Sequence[str] = ("+", "-"),
         seed: int = 0,
+        worked_fraction: float = 1.0,
     ) -> None:
         ops = tuple(ops)
+        if not 0.0 <= worked_fraction <= 1.0:
+            raise ValueError(f"worked_fraction must be in [0, 1], got {worked_fraction}")
         if not ops or any(op not in OPS for op in ops) or len(set(ops)) != len(ops):
             raise ValueError(f"ops must be distinct operators from {OPS}, got {ops}")
         if max_operand < 1:
@@ -145,6 +152,7 @@ class Arithmetic(SyntheticTask):
         self.max_operand = max_operand
         self.ops = ops
         self.seed = seed
+        self.worked_fraction = float(worked_fraction)
         self._space = space
 
     def settings(self) -> dict[str, Any]:
@@ -155,6 +163,7 @@ class Arithmetic(SyntheticTask):
             "max_operand": self.max_operand,
             "ops": list(self.ops),
             "seed": self.seed,
+            "worked_fraction": self.worked_fraction,
         }
 
     def num_samples(self, split: Split) -> int:
@@ -169,11 +178,11 @@ class Arithmetic(SyntheticTask):
     def _val_questions(self) -> list[int]:
         return random.Random(mix_seed(self.seed, 0)).sample(range(self._space), self.num_val)
 
-    def make_sample(self, a: int, op: str, b: int) -> dict[str, Any]:
-        """The sample dict of the question ``a op b``."""
+    def make_sample(self, a: int, op: str, b: int, worked: bool = True) -> dict[str, Any]:
+        """The sample dict of the question ``a op b`` (with an empty think block unless ``worked``)."""
         result = _RESULTS[op](a, b)
         prompt = f"{a}{op}{b}=?"
-        response = f"<think>{_TRACES[op](a, b)}</think> {result}"
+        response = f"<think>{_TRACES[op](a, b) if worked else ''}</think> {result}"
         return {"prompt": prompt, "response": response, "answer": str(result), "text": f"{prompt} {response}"}
 
     def generate(self, split: Split) -> Iterator[dict[str, Any]]:
@@ -187,11 +196,14 @@ class Arithmetic(SyntheticTask):
             return
         held_out = set(val)
         rng = random.Random(mix_seed(self.seed, 1))
+        # A stream of its own, so the questions are the same whatever the fraction.
+        style = random.Random(mix_seed(self.seed, 2))
         for _ in range(self.num_train):
             q = rng.randrange(self._space)
             while q in held_out:
                 q = rng.randrange(self._space)
-            yield self.make_sample(*self._question(q))
+            worked = self.worked_fraction >= 1.0 or style.random() < self.worked_fraction
+            yield self.make_sample(*self._question(q), worked=worked)
 
     def check(self, completion: str, sample: dict[str, Any]) -> bool:
         """Exact match of :func:`extract_answer` with ``sample["answer"]``."""
