@@ -187,3 +187,58 @@ trainer:
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/text_loss", "train/image_loss", "val/loss", "parabench/overall/output_alignment"} <= scalars
+
+
+def test_mmada_parallel_pararl_config_runs_from_an_exported_backbone(tmp_path: Path) -> None:
+    from dllm_zoo.backbones import LLaDABackbone
+
+    LLaDABackbone("tiny").save_pretrained(tmp_path / "sft")
+    small = tmp_path / "small.yaml"
+    small.write_text(
+        f"""
+trainer:
+  callbacks:
+    - class_path: dllm_zoo.callbacks.ParaBenchEvaluation
+      init_args:
+        sampler:
+          class_path: dllm_zoo.samplers.ParallelSampler
+          init_args: {{text_len: 192, num_image_tokens: 81, codebook_size: 16, steps: 2}}
+        limit: 2
+        batch_size: 4
+        every_n_val: 0
+model:
+  init_args:
+    backbone:
+      class_path: dllm_zoo.backbones.LLaDABackbone
+      init_args: {{config: null, pretrained: {str(tmp_path / "sft")!r}}}
+    sampler:
+      class_path: dllm_zoo.samplers.ParallelSampler
+      init_args: {{text_len: 192, num_image_tokens: 81, codebook_size: 16, steps: 4, image_guidance_scale: 1.5}}
+    num_generations: 2
+    stats_samples: 4
+"""
+    )
+    recipe_main("mmada_parallel")(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "recipes" / "configs" / "mmada_parallel" / "pararl.yaml"),
+            "--config",
+            str(small),
+            "--trainer.log_every_n_steps=1",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--data.init_args.batch_size=2",
+        ]
+    )
+    version = tmp_path / "tiny_shapes_pararl" / "version_0"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/output_alignment", "train/kl", "time/rollout", "parabench/overall/output_alignment"} <= scalars
+    assert (version / "parabench.md").is_file()
