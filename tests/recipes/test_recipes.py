@@ -24,7 +24,16 @@ def test_every_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture
     expected = {
         "pretrain": ("LLaDABackbone", "MaskedDiffusionPretraining"),
         "sdar": ("SDARBackbone", "BlockDiffusionSFT"),
-        "unigrpo": ("LLaDABackbone", "UniGRPO", "PromptDataModule", "ArithmeticCorrectness"),
+        "unigrpo": (
+            "LLaDABackbone",
+            "UniGRPO",
+            "PromptDataModule",
+            *(
+                ("MaskGITSampler", "ShapesAlignment")
+                if config.name == "multimodal.yaml"
+                else ("ArithmeticCorrectness",)
+            ),
+        ),
         "mmada": (
             "LLaDABackbone",
             "MultiTaskDataModule",
@@ -35,6 +44,13 @@ def test_every_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture
             "ParallelDataModule",
             "ParallelSampler",
             "ParallelSFT" if config.name == "default.yaml" else "ParaRL",
+        ),
+        "tracerl": (
+            "TraceRL",
+            "PromptDataModule",
+            "ArithmeticCorrectness",
+            "LLaDABackbone" if config.name == "full_attention.yaml" else "SDARBackbone",
+            *(("ValueModel",) if config.name == "value.yaml" else ()),
         ),
     }
     for name in expected[recipe]:

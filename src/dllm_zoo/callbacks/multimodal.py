@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from dllm_zoo.backbones.base import Backbone
-from dllm_zoo.data.multimodal import t2i_prefix
+from dllm_zoo.data.multimodal import mmu_prompt_ids, t2i_prefix
 from dllm_zoo.data.prompts import left_pad
 from dllm_zoo.evaluation import evaluate_task
 from dllm_zoo.samplers.base import Sampler
@@ -53,13 +53,8 @@ def mmu_prompts(tokenizer: TextTokenizer, image_ids: Tensor, questions: list[str
         image_ids: ``[B, N]`` image token ids (codes + ``image_offset``).
         questions: ``B`` questions.
     """
-    lay = tokenizer.layout
-    head = [lay.token_id("<|mmu|>"), lay.token_id("<|soi|>")]
-    rows = [
-        [*head, *img, lay.token_id("<|eoi|>"), *tokenizer.encode_chat([{"role": "user", "content": q}], True)]
-        for img, q in zip(image_ids.tolist(), questions)
-    ]
-    return left_pad(rows, lay.pad_id)
+    rows = [mmu_prompt_ids(tokenizer, img, q) for img, q in zip(image_ids.tolist(), questions)]
+    return left_pad(rows, tokenizer.layout.pad_id)
 
 
 def codes_to_grids(codes: Tensor, image_tokenizer: ImageTokenizer) -> Tensor:

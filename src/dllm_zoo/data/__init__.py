@@ -20,7 +20,16 @@ from dllm_zoo.data.multimodal import (
 from dllm_zoo.data.multitask import DataSource, MultiTaskDataModule, SourceMixture, TaskData
 from dllm_zoo.data.packing import PackSequences, packed_sample_ids
 from dllm_zoo.data.parallel import ParallelDataModule
-from dllm_zoo.data.prompts import CollatePrompts, EncodePrompt, PromptDataModule, left_pad, prompt_token_ids
+from dllm_zoo.data.prompts import (
+    MULTIMODAL_PROMPT_TASKS,
+    CollatePrompts,
+    EncodeMultimodalPrompt,
+    EncodePrompt,
+    MultimodalPromptDataModule,
+    PromptDataModule,
+    left_pad,
+    prompt_token_ids,
+)
 from dllm_zoo.data.sequences import (
     BuildSequence,
     LMBuilder,
@@ -51,6 +60,9 @@ __all__ = [
     "PackSequences",
     "ParallelDataModule",
     "PromptDataModule",
+    "MultimodalPromptDataModule",
+    "EncodeMultimodalPrompt",
+    "MULTIMODAL_PROMPT_TASKS",
     "R2IBuilder",
     "ResumableDataLoader",
     "SampleDropped",

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from dllm_zoo.data.multimodal import _image_ids, load_image_codes
+from dllm_zoo.data.multimodal import image_token_ids, load_image_codes
 from dllm_zoo.data.sequences import _field
 from dllm_zoo.tokenizers.image import ImageTokenizer
 from dllm_zoo.tokenizers.layout import TokenLayout
@@ -253,7 +253,7 @@ class BuildInterleaveRow:
 
     def _image(self, sample: Mapping[str, Any], field: str) -> list[int]:
         codes = load_image_codes(sample, self.image_tokenizer, field, self.image_size)
-        return _image_ids(codes, self.tokenizer.layout, self.spans.num_image_tokens, sample.get("__key__", "?"))
+        return image_token_ids(codes, self.tokenizer.layout, self.spans.num_image_tokens, sample.get("__key__", "?"))
 
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         """The row of ``sample`` (see :func:`interleave_row`)."""

@@ -50,6 +50,20 @@ def row_length(text_len: int, num_image_tokens: int) -> int:
     return text_len + num_image_tokens + 3
 
 
+def image_tokens_for(image_size: int, image_tokenizer: ImageTokenizer) -> int:
+    """``N = (image_size / downsample)²``, the image tokens of one image, after checking the size divides.
+
+    Raises:
+        ValueError: naming ``--data.image_size`` when it is not a positive multiple of the tokenizer's downsample.
+    """
+    if image_size < 1 or image_size % image_tokenizer.downsample:
+        raise ValueError(
+            f"--data.image_size={image_size} must be a positive multiple of the image tokenizer's downsample "
+            f"factor {image_tokenizer.downsample}"
+        )
+    return (image_size // image_tokenizer.downsample) ** 2
+
+
 def t2i_prefix(caption_ids: Sequence[int], layout: TokenLayout, text_len: int) -> tuple[list[int], int, bool]:
     """The t2i text part ``[iPAD]×k <|t2i|> BOS caption EOS`` of exactly ``text_len + 1`` tokens.
 
@@ -78,7 +92,30 @@ def unconditional_t2i_prefix(layout: TokenLayout, text_len: int) -> tuple[list[i
     return ids, pads
 
 
-def _image_ids(codes: Tensor, layout: TokenLayout, num_image_tokens: int, key: Any) -> list[int]:
+def mmu_prompt_ids(tokenizer: TextTokenizer, image_ids: Sequence[int], question: str) -> list[int]:
+    """An image question's generation prompt: ``<|mmu|> <|soi|> img <|eoi|>`` + the chat prompt of ``question``.
+
+    The answer the model writes after it is the assistant turn of an :class:`MMUBuilder` row.
+
+    Args:
+        tokenizer: Text tokenizer (its layout has the mmu tokens).
+        image_ids: The image's ``N`` token ids (codes + ``image_offset``).
+        question: The question text.
+    """
+    lay = tokenizer.layout
+    head = [lay.token_id("<|mmu|>"), lay.token_id("<|soi|>"), *image_ids, lay.token_id("<|eoi|>")]
+    return head + tokenizer.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
+
+
+def image_token_ids(codes: Tensor, layout: TokenLayout, num_image_tokens: int, key: Any) -> list[int]:
+    """The ``N`` token ids of an image's codes (code + ``image_offset``), after checking count and codebook.
+
+    Args:
+        codes: The image's codes (any shape, ``N`` in all).
+        layout: The model's layout.
+        num_image_tokens: ``N``.
+        key: The sample's key, named in errors.
+    """
     flat = codes.reshape(-1)
     if flat.numel() != num_image_tokens:
         raise ValueError(
@@ -151,7 +188,7 @@ class MultimodalBuilder(ABC):
             KeyError: when a field is missing (the message names it and the flag to set).
         """
         layout = tokenizer.layout
-        image = _image_ids(codes, layout, num_image_tokens, sample.get("__key__", "?"))
+        image = image_token_ids(codes, layout, num_image_tokens, sample.get("__key__", "?"))
         ids, attention, prompt, image_target, truncated = self.build(sample, tokenizer, image, text_len)
         length = row_length(text_len, num_image_tokens)
         assert len(ids) == length, (len(ids), length)  # a builder bug, not bad input
@@ -383,7 +420,10 @@ __all__ = [
     "TaskFormat",
     "collate_task_rows",
     "load_image_codes",
+    "image_token_ids",
+    "image_tokens_for",
     "make_task_builder",
+    "mmu_prompt_ids",
     "row_length",
     "t2i_prefix",
     "unconditional_t2i_prefix",

@@ -32,6 +32,7 @@ from dllm_zoo.data.multimodal import (
     BuildTaskRow,
     TaskFormat,
     collate_task_rows,
+    image_tokens_for,
     make_task_builder,
     row_length,
 )
@@ -261,11 +262,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise ValueError(f"--data.mode must be max_size_cycle, max_size or min_size, got {self.mode!r}")
         if self.text_len < 4:
             raise ValueError(f"--data.text_len must be >= 4, got {self.text_len}")
-        if self.image_size < 1 or self.image_size % self.image_tokenizer.downsample:
-            raise ValueError(
-                f"--data.image_size={self.image_size} must be a positive multiple of the image tokenizer's "
-                f"downsample factor {self.image_tokenizer.downsample}"
-            )
+        image_tokens_for(self.image_size, self.image_tokenizer)  # checks the size
         lay = self.layout
         for name, spec in self.tasks.items():
             if spec.format not in TASK_FORMATS:
@@ -298,7 +295,7 @@ class MultiTaskDataModule(L.LightningDataModule):
     @property
     def num_image_tokens(self) -> int:
         """``N``: image tokens per image."""
-        return (self.image_size // self.image_tokenizer.downsample) ** 2
+        return image_tokens_for(self.image_size, self.image_tokenizer)
 
     @property
     def seq_len(self) -> int:

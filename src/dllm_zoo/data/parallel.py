@@ -15,7 +15,6 @@ sample keeps its task across epochs. ShapesWorld samples carry the fields of bot
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -29,7 +28,8 @@ from dllm_zoo.data.interleave import (
     InterleaveTask,
     collate_interleave_rows,
 )
-from dllm_zoo.data.stream import DROPPED_KEY, ERRORS_KEY, mix_seed
+from dllm_zoo.data.multimodal import image_tokens_for
+from dllm_zoo.data.stream import DROPPED_KEY, ERRORS_KEY, KeyedChoice
 from dllm_zoo.data.synthetic.base import SyntheticTask
 from dllm_zoo.data.synthetic.shapes import ShapesWorld
 from dllm_zoo.tokenizers.image import ImageTokenizer, PaletteTokenizer
@@ -67,27 +67,16 @@ class BuildParallelRow:
         if len(spans) != 1:
             raise ValueError(f"every task's rows must have the same spans to share a batch, got {spans}")
         self.builders = dict(builders)
-        self.names = list(builders)
-        total = sum(float(weights[n]) for n in self.names)
-        cumulative, acc = [], 0.0
-        for name in self.names:
-            acc += float(weights[name]) / total
-            cumulative.append(acc)
-        self.cumulative = cumulative
-        self.seed = seed
+        self.choice = KeyedChoice({name: weights[name] for name in builders}, seed)
 
     @property
     def spans(self) -> InterleaveSpans:
         """The spans shared by every task's rows."""
-        return self.builders[self.names[0]].spans
+        return next(iter(self.builders.values())).spans
 
     def task_for(self, sample: Mapping[str, Any]) -> str:
         """The task the row of ``sample`` is built for (a function of ``seed`` and the sample's ``__key__``)."""
-        if len(self.names) == 1:
-            return self.names[0]
-        key = zlib.crc32(str(sample.get("__key__", "")).encode())  # stable across processes, unlike hash()
-        u = mix_seed(self.seed, 0x9A7A, key) / 2**63
-        return next((n for n, c in zip(self.names, self.cumulative) if u < c), self.names[-1])
+        return self.choice.choose(sample)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         """The interleaved row of ``sample`` for its task (see :func:`~dllm_zoo.data.interleave.interleave_row`)."""
@@ -163,12 +152,7 @@ class ParallelDataModule(TextDiffusionDataModule):
         fields: dict[str, dict[str, str]] | None = None,
     ) -> None:
         image_tokenizer = image_tokenizer if image_tokenizer is not None else PaletteTokenizer()
-        if image_size < 1 or image_size % image_tokenizer.downsample:
-            raise ValueError(
-                f"--data.image_size={image_size} must be a positive multiple of the image tokenizer's downsample "
-                f"factor {image_tokenizer.downsample}"
-            )
-        spans = InterleaveSpans(text_len, (image_size // image_tokenizer.downsample) ** 2)
+        spans = InterleaveSpans(text_len, image_tokens_for(image_size, image_tokenizer))
         super().__init__(
             train=train,
             val=val,

@@ -35,6 +35,7 @@ import json
 import random
 import tarfile
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,41 @@ def mix_seed(*parts: int) -> int:
     """A 63-bit seed derived from integers (stable across processes and Python versions)."""
     digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+class KeyedChoice:
+    """Draw one of ``names`` per sample, with probabilities ∝ ``weights``, as a pure function of ``(seed, __key__)``.
+
+    No random state: loader workers, ranks and resumed runs agree on every sample's draw without coordination.
+
+    Args:
+        weights: Name -> relative probability (> 0).
+        seed: Seed of the draw.
+
+    Example:
+        >>> KeyedChoice({"a": 1.0}).choose({"__key__": "000000003"})
+        'a'
+    """
+
+    def __init__(self, weights: Mapping[str, float], seed: int = 0) -> None:
+        if not weights or any(float(w) <= 0 for w in weights.values()):
+            raise ValueError(f"KeyedChoice needs at least one name and weights > 0, got {dict(weights)}")
+        self.names = list(weights)
+        total = sum(float(weights[n]) for n in self.names)
+        cumulative, acc = [], 0.0
+        for name in self.names:
+            acc += float(weights[name]) / total
+            cumulative.append(acc)
+        self.cumulative = cumulative
+        self.seed = seed
+
+    def choose(self, sample: Mapping[str, Any]) -> str:
+        """The name drawn for ``sample`` (from its ``__key__``, as the shard readers set it)."""
+        if len(self.names) == 1:
+            return self.names[0]
+        key = zlib.crc32(str(sample.get("__key__", "")).encode())  # stable across processes, unlike hash()
+        u = mix_seed(self.seed, 0x9A7A, key) / 2**63
+        return next((n for n, c in zip(self.names, self.cumulative) if u < c), self.names[-1])
 
 
 def is_hf_dataset_dir(path: str | Path) -> bool:

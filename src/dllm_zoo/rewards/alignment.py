@@ -22,6 +22,10 @@ class ShapesAlignment(Reward):
     * **captioning** (image understanding): ``ShapesAlignment(image_field="image", caption_field=None)`` scores the
       completion as a caption of the sample's input ``image``. The caption is the completion's text after its last
       ``</think>`` (all of it without one); case, spaces and a trailing period do not matter.
+    * **multimodal reasoning** (MMaDA's "correctness + format + alignment" on image questions):
+      ``ShapesAlignment(image_field="image", caption_field=None, completion_part="listing")`` scores the think block
+      of the answer, a slot listing ``"top left: red square; center: blue plus."`` (:func:`parse_listing`), against
+      the input image: does the reasoning describe what the image shows.
 
     An image is a palette-index grid ``[H][W]`` (nested lists, or an integer tensor / array ``[H, W]``) of the
     task's size (``task.image_side`` pixels square). ``None`` in the image or caption field means not applicable.
@@ -41,6 +45,8 @@ class ShapesAlignment(Reward):
         name: Metric key (``reward/<name>``).
         caption_field: Per-sample field holding the caption, or ``None`` to score the completion text as the caption.
         image_field: Per-sample field holding the image (``"images"``: generated; ``"image"``: the sample's input).
+        completion_part: With ``caption_field=None``: ``"answer"`` reads the completion's answer as a caption,
+            ``"listing"`` reads its think block as a slot listing.
 
     Raises:
         ValueError: for an unknown ``metric``; (on call) when an image is not the task's size.
@@ -62,36 +68,47 @@ class ShapesAlignment(Reward):
         name: str = "alignment",
         caption_field: str | None = "caption",
         image_field: str = "images",
+        completion_part: Literal["answer", "listing"] = "answer",
     ) -> None:
         if metric not in _METRICS:
             raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+        if completion_part not in ("answer", "listing"):
+            raise ValueError(f"completion_part must be 'answer' or 'listing', got {completion_part!r}")
+        if completion_part == "listing" and caption_field is not None:
+            raise ValueError("completion_part='listing' reads the completion: set caption_field=None")
         self.task = task if task is not None else ShapesWorld()
         self.metric = metric
         self.score = float(score)
         self.name = name
         self.caption_field = caption_field
         self.image_field = image_field
+        self.completion_part = completion_part
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> list[float | None]:
         """See :meth:`Reward.__call__`; needs ``image_field`` (and ``caption_field`` unless it is ``None``)."""
         n = len(completions)
         images = field(fields, self.image_field, self, n)
         if self.caption_field is None:
-            captions: Sequence[str | None] = [after_think(c) for c in completions]
+            whole = self.completion_part == "listing"
+            captions: Sequence[str | None] = [c if whole else after_think(c) for c in completions]
         else:
             captions = field(fields, self.caption_field, self, n)
         out: list[float | None] = []
         for image, caption in zip(images, captions):
             if image is None or caption is None:
                 out.append(None)
-            elif self.metric == "exact":
-                out.append(self.score if self.task.alignment(str(caption), image) else 0.0)
+                continue
+            text = str(caption)
+            objects = self.task.parse_listing(text) if self.completion_part == "listing" else self.task.parse(text)
+            if self.metric == "exact":
+                out.append(self.score if self.task.objects_match(objects, image) else 0.0)
             else:
-                out.append(self.score * self.task.alignment_score(str(caption), image))
+                out.append(self.score * self.task.objects_f1(objects, image))
         return out
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(metric={self.metric!r}, score={self.score}, name={self.name!r}, "
-            f"caption_field={self.caption_field!r}, image_field={self.image_field!r})"
+            f"caption_field={self.caption_field!r}, image_field={self.image_field!r}, "
+            f"completion_part={self.completion_part!r})"
         )

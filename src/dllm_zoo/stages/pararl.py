@@ -325,6 +325,7 @@ class ParaRL(PolicyGradientStage):
             optim=optim,
             seed=seed,
             adapter=adapter,
+            image_tokenizer=image_tokenizer,
         )
         self.sampler = sampler
         self.eval_sampler = eval_sampler
@@ -336,7 +337,6 @@ class ParaRL(PolicyGradientStage):
         self.stats_samples = stats_samples
         self.advantage_eps = advantage_eps
         self.guided_likelihood = guided_likelihood
-        self._image_tokenizer = image_tokenizer
         # (μ, σ) of the raw reward; None until estimated. Saved in checkpoints as plain floats.
         self.reward_stats: tuple[float, float] | None = None
         if reward_mean is not None and reward_std is not None:
@@ -362,19 +362,6 @@ class ParaRL(PolicyGradientStage):
     def spans(self) -> InterleaveSpans:
         """The interleaved rows' spans (the sampler's)."""
         return self.sampler.spans
-
-    @property
-    def image_tokenizer(self) -> ImageTokenizer:
-        """The image tokenizer decoding codes (given, or the datamodule's)."""
-        if self._image_tokenizer is not None:
-            return self._image_tokenizer
-        tok = self._datamodule_attr("image_tokenizer")
-        if not isinstance(tok, ImageTokenizer):
-            raise ValueError(
-                "ParaRL decodes images with an image tokenizer: set --model.image_tokenizer or use a datamodule "
-                "with an `image_tokenizer` (ParallelDataModule)"
-            )
-        return tok
 
     def candidate_steps(self) -> Tensor:
         """``[K]`` int64 steps (1-based) at which the sampler's plan commits at least one token."""

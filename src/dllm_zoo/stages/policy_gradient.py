@@ -37,6 +37,7 @@ from dllm_zoo.rl.logprobs import masked_token_logprobs
 from dllm_zoo.rl.objectives import PolicyObjective
 from dllm_zoo.stages.base import BackboneFactory, DiffusionStage
 from dllm_zoo.stages.optim import OptimConfig
+from dllm_zoo.tokenizers.image import ImageTokenizer
 from dllm_zoo.tokenizers.text import TextTokenizer
 
 ReferenceKind = Literal["auto", "copy", "adapter"]
@@ -64,6 +65,7 @@ class PolicyGradientStage(DiffusionStage, ABC):
         optim: Optimizer settings.
         seed: Seed of the rollout and training random sources.
         adapter: Train a LoRA/QLoRA adapter instead of every weight.
+        image_tokenizer: Decodes generated image codes; default: the datamodule's ``image_tokenizer``.
     """
 
     algorithm: ClassVar[str] = "policy gradient"
@@ -84,6 +86,7 @@ class PolicyGradientStage(DiffusionStage, ABC):
         optim: OptimConfig,
         seed: int,
         adapter: LoRA | None,
+        image_tokenizer: ImageTokenizer | None = None,
     ) -> None:
         super().__init__(backbone, optim, seed, adapter)
         if num_generations < 2:
@@ -104,6 +107,7 @@ class PolicyGradientStage(DiffusionStage, ABC):
         self.reference_kind = reference
         self.max_grad_norm = max_grad_norm
         self._tokenizer = tokenizer
+        self._image_tokenizer = image_tokenizer
         self.reference: Backbone | None = None
         self.timers: dict[str, float] = defaultdict(float)
         self._heldout_before: dict[str, float] | None = None
@@ -165,6 +169,19 @@ class PolicyGradientStage(DiffusionStage, ABC):
             raise ValueError(
                 f"{self.algorithm} decodes completions with a text tokenizer: set --model.tokenizer or use a "
                 "datamodule with a `tokenizer` (PromptDataModule)"
+            )
+        return tok
+
+    @property
+    def image_tokenizer(self) -> ImageTokenizer:
+        """The image tokenizer decoding generated codes (given, or the datamodule's)."""
+        if self._image_tokenizer is not None:
+            return self._image_tokenizer
+        tok = self._datamodule_attr("image_tokenizer")
+        if not isinstance(tok, ImageTokenizer):
+            raise ValueError(
+                f"{self.algorithm} decodes images with an image tokenizer: set --model.image_tokenizer or use a "
+                "datamodule with an `image_tokenizer` (ParallelDataModule, MultimodalPromptDataModule)"
             )
         return tok
 

@@ -13,6 +13,12 @@ One training step = one batch of prompts:
    ``μ`` masks are computed once before the first update (so the first iteration's ratio is 1), then each iteration
    takes one optimizer step on the :class:`~dllm_zoo.rl.objectives.PolicyObjective`.
 
+**Multimodal prompts** (MMaDA's diversified tasks): a batch may mix text-answered prompts (text reasoning, image
+questions whose prompt holds the image) and image-answered prompts (``task`` in ``image_tasks``, t2i captions). The
+former are answered by ``sampler``, the latter by ``image_sampler`` (MaskGIT); both are merged into one rollout
+(right-padded), the rewards see the generated images as the field ``images`` (palette grids), and the masking and the
+log-likelihood treat the ``N`` generated image codes as the response, exactly as the text answer of a text row.
+
 The reference handling, the update loop, the timers and the held-out report are those of
 :class:`~dllm_zoo.stages.policy_gradient.PolicyGradientStage` (shared with ParaRL).
 
@@ -22,6 +28,7 @@ Trainer steps count optimizer steps: ``--trainer.max_steps`` = RL steps × ``inn
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -33,6 +40,7 @@ from torch import Tensor
 from dllm_zoo.adapters import LoRA
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.backbones.llada import LLaDABackbone
+from dllm_zoo.callbacks.multimodal import codes_to_grids
 from dllm_zoo.rewards.base import Reward
 from dllm_zoo.rl.advantages import informative_groups
 from dllm_zoo.rl.masking import ResponseMasking, UniformlySpacedMasking
@@ -50,6 +58,7 @@ from dllm_zoo.samplers.semi_ar import LLaDASampler
 from dllm_zoo.stages.base import BackboneFactory
 from dllm_zoo.stages.optim import OptimConfig
 from dllm_zoo.stages.policy_gradient import MODEL_TIMERS, PolicyGradientStage, ReferenceKind
+from dllm_zoo.tokenizers.image import ImageTokenizer
 from dllm_zoo.tokenizers.layout import EOT
 from dllm_zoo.tokenizers.text import TextTokenizer
 
@@ -88,11 +97,17 @@ class UniGRPO(PolicyGradientStage):
         reference: ``auto`` (``adapter`` when ``--model.adapter`` is set, else ``copy``), ``copy`` or ``adapter``;
             only used when the objective needs a reference.
         eval_sampler: Sampler of the held-out evaluation (default: ``sampler``); one completion per prompt.
+        image_sampler: Answers the prompts whose ``task`` field is in ``image_tasks`` with an image (a
+            :class:`~dllm_zoo.samplers.MaskGITSampler`); ``None``: no image prompts allowed.
+        eval_image_sampler: Image sampler of the held-out evaluation (default: ``image_sampler``).
+        image_tasks: Values of the per-sample ``task`` field answered with an image.
         max_grad_norm: Gradient clipping by global norm (``None`` = off; release 1.0).
         tokenizer: Decodes completions; default: the datamodule's ``tokenizer``.
         optim: Optimizer settings.
         seed: Seed of the rollout and masking random sources.
         adapter: Train a LoRA/QLoRA adapter instead of every weight.
+        image_tokenizer: Decodes generated image codes into the ``images`` the rewards read; default: the
+            datamodule's ``image_tokenizer``.
     """
 
     algorithm: ClassVar[str] = "UniGRPO"
@@ -118,11 +133,15 @@ class UniGRPO(PolicyGradientStage):
         post_num: int = 1,
         reference: ReferenceKind = "auto",
         eval_sampler: Sampler | None = None,
+        image_sampler: Sampler | None = None,
+        eval_image_sampler: Sampler | None = None,
+        image_tasks: Sequence[str] = ("t2i",),
         max_grad_norm: float | None = 1.0,
         tokenizer: TextTokenizer | None = None,
         optim: OptimConfig = OptimConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, min_lr_scale=1.0),
         seed: int = 0,
         adapter: LoRA | None = None,
+        image_tokenizer: ImageTokenizer | None = None,
     ) -> None:
         rewards = list(rewards)
         if not rewards:
@@ -150,9 +169,13 @@ class UniGRPO(PolicyGradientStage):
             optim,
             seed,
             adapter,
+            image_tokenizer=image_tokenizer,
         )
         self.sampler = sampler
         self.eval_sampler = eval_sampler if eval_sampler is not None else sampler
+        self.image_sampler = image_sampler
+        self.eval_image_sampler = eval_image_sampler if eval_image_sampler is not None else image_sampler
+        self.image_tasks = tuple(str(t) for t in image_tasks)
         self.rewards = rewards
         weights = [1.0] * len(rewards) if reward_weights is None else [float(w) for w in reward_weights]
         self.reward_weights = dict(zip(names, weights))
@@ -172,6 +195,9 @@ class UniGRPO(PolicyGradientStage):
                 "objective",
                 "masking",
                 "eval_sampler",
+                "image_sampler",
+                "eval_image_sampler",
+                "image_tokenizer",
                 "tokenizer",
                 "optim",
                 "adapter",
@@ -198,46 +224,132 @@ class UniGRPO(PolicyGradientStage):
         rows = [[t for t, keep in zip(r, k) if keep] for r, k in zip(completion.tolist(), before_stop.tolist())]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True), rows
 
+    def _image_rows(self, batch: dict[str, Any], group: list[int], image_sampler: Sampler | None) -> list[int]:
+        """Rows (of the repeated batch) whose prompt is answered with an image; checks there is a sampler for them."""
+        kinds = batch["fields"].get("task")
+        if kinds is None:
+            return []
+        rows = [i for i, g in enumerate(group) if kinds[g] in self.image_tasks]
+        if rows and image_sampler is None:
+            raise ValueError(
+                f"the batch holds image prompts (task in {list(self.image_tasks)}) but {self.algorithm} has no image "
+                "sampler: set --model.image_sampler (e.g. dllm_zoo.samplers.MaskGITSampler)"
+            )
+        return rows
+
+    def _generate(
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        image_rows: list[int],
+        sampler: Sampler,
+        image_sampler: Sampler | None,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Answer text rows with ``sampler`` and ``image_rows`` with ``image_sampler``; merge, right-padded.
+
+        Returns:
+            ``tokens``, ``attention_mask`` (False on the right padding), ``step_map``, ``is_image`` ``[N]`` bool and
+            the total number of forward passes.
+        """
+        n, width = ids.shape
+        is_image = torch.zeros(n, dtype=torch.bool, device=ids.device)
+        if not image_rows:
+            out = sampler.generate(self.net, ids, mask, generator=generator)
+            return out.tokens, out.attention_mask.bool(), out.step_map, is_image, out.nfe
+        is_image[image_rows] = True
+        parts = []
+        for rows, part_sampler in (
+            ((~is_image).nonzero().squeeze(1), sampler),
+            (is_image.nonzero().squeeze(1), image_sampler),
+        ):
+            if rows.numel():
+                assert part_sampler is not None  # checked by _image_rows
+                parts.append((rows, part_sampler.generate(self.net, ids[rows], mask[rows], generator=generator)))
+        total = max(out.tokens.shape[1] for _, out in parts)
+        tokens = torch.full((n, total), self.layout.pad_id, dtype=torch.long, device=ids.device)
+        attention = torch.zeros(n, total, dtype=torch.bool, device=ids.device)
+        step_map = torch.zeros(n, total, dtype=torch.long, device=ids.device)
+        for rows, out in parts:
+            w = out.tokens.shape[1]
+            tokens[rows, :w] = out.tokens
+            attention[rows, :w] = out.attention_mask.bool()
+            step_map[rows, :w] = out.step_map
+        return tokens, attention, step_map, is_image, sum(out.nfe for _, out in parts)
+
+    def _images(self, tokens: Tensor, response: Tensor, image_rows: list[int]) -> list[Any]:
+        """Palette grids of the generated codes of ``image_rows`` (``None`` for the other rows), one host transfer."""
+        images: list[Any] = [None] * tokens.shape[0]
+        if not image_rows:
+            return images
+        rows = torch.tensor(image_rows, device=tokens.device)
+        side = math.isqrt(int(response[image_rows[0]].sum()))
+        offset = self.layout.image_offset
+        assert offset is not None  # an image sampler checked the layout
+        codes = tokens[rows][response[rows]].view(len(image_rows), side, side) - offset
+        grids = codes_to_grids(codes, self.image_tokenizer).tolist()
+        for i, grid in zip(image_rows, grids):
+            images[i] = grid
+        return images
+
     @torch.no_grad()
     def rollout(
-        self, batch: dict[str, Any], sampler: Sampler, num_generations: int, generator: torch.Generator | None = None
+        self,
+        batch: dict[str, Any],
+        sampler: Sampler,
+        num_generations: int,
+        generator: torch.Generator | None = None,
+        image_sampler: Sampler | None = None,
     ) -> Rollout:
         """Answer every prompt ``num_generations`` times and score the completions.
 
         Args:
             batch: A prompt batch (``prompt_ids``, ``prompt_mask``, ``prompts``, ``fields``).
-            sampler: The sampler.
+            sampler: The sampler of text answers.
             num_generations: Completions per prompt.
-            generator: Random source of the sampler.
+            generator: Random source of the samplers.
+            image_sampler: The sampler of image answers (rows whose ``task`` is in ``image_tasks``).
 
         Returns:
-            The scored :class:`Rollout` (``advantages``/``keep`` not yet set).
+            The scored :class:`Rollout` (``advantages``/``keep`` not yet set). Image rows have an empty completion
+            text; their response is the generated image codes (the soi/eoi around them are context).
         """
         with self.timed("generate"):
             ids, mask, group = repeat_prompts(batch["prompt_ids"], batch["prompt_mask"].bool(), num_generations)
-            out = sampler.generate(self.net, ids, mask, generator=generator)
+            index = group.tolist()
+            image_rows = self._image_rows(batch, index, image_sampler)
+            tokens, attention, step_map, is_image, nfe = self._generate(
+                ids, mask, image_rows, sampler, image_sampler, generator
+            )
         with self.timed("decode"):
             width = ids.shape[1]
-            completion = out.tokens[:, width:]
-            resp = response_mask(completion, self.layout.eos_id, self.post_num) & out.attention_mask[:, width:]
+            completion = tokens[:, width:]
+            generated = attention[:, width:]
+            text_resp = response_mask(completion, self.layout.eos_id, self.post_num) & generated
+            image_resp = step_map[:, width:] > 0  # the image codes: the positions the image sampler committed
+            resp = torch.where(is_image[:, None], image_resp, text_resp)
             texts, completion_ids = self.decode(completion)
-            index = group.tolist()
+            for i in image_rows:
+                texts[i], completion_ids[i] = "", []
             fields = {k: [v[i] for i in index] for k, v in batch["fields"].items()}
             fields["completion_ids"] = completion_ids
+            fields["images"] = self._images(completion, image_resp, image_rows)
             prompts = [batch["prompts"][i] for i in index]
             in_prompt = torch.ones_like(mask)  # the whole prompt part, padding included, is never masked
+            # Image rows keep <|soi|>/<|eoi|> as context; text rows mask their untrained tail (see _rows).
+            context = is_image[:, None] & generated & ~image_resp
         with self.timed("reward"):
             scores = score_rewards(self.rewards, prompts, texts, fields, device=self.device)
         return Rollout(
-            tokens=out.tokens,
-            attention_mask=out.attention_mask.bool(),
-            prompt_mask=torch.cat([in_prompt, torch.zeros_like(resp)], dim=1),
+            tokens=tokens,
+            attention_mask=attention,
+            prompt_mask=torch.cat([in_prompt, context], dim=1),
             response_mask=torch.cat([~in_prompt, resp], dim=1),
-            step_map=out.step_map,
+            step_map=step_map,
             group=group,
             rewards=scores,
             completions=texts,
-            nfe=out.nfe,
+            nfe=nfe,
         )
 
     def correct(self, rollout: Rollout) -> Tensor | None:
@@ -303,7 +415,9 @@ class UniGRPO(PolicyGradientStage):
         self.timers.clear()
         t0 = time.perf_counter()
         self.net.train()
-        rollout = self.rollout(batch, self.sampler, self.num_generations, self.step_generator(batch_idx, stream=0))
+        rollout = self.rollout(
+            batch, self.sampler, self.num_generations, self.step_generator(batch_idx, stream=0), self.image_sampler
+        )
         self.advantages(rollout)
         stats = self.optimise(rollout, self.step_generator(batch_idx, stream=1))
         seconds = time.perf_counter() - t0
@@ -344,7 +458,8 @@ class UniGRPO(PolicyGradientStage):
         was_training = self.net.training
         self.net.eval()
         try:
-            return self.rollout(batch, self.eval_sampler, 1, self.step_generator(batch_idx, stream=2, per_step=False))
+            generator = self.step_generator(batch_idx, stream=2, per_step=False)
+            return self.rollout(batch, self.eval_sampler, 1, generator, self.eval_image_sampler)
         finally:
             self.net.train(was_training)
 

@@ -247,6 +247,41 @@ def parse_caption(text: str, grid_size: int = 3) -> list[Obj] | None:
     return _valid_objects(objects)
 
 
+_LISTING_ITEM = re.compile(r"(.+?): ([a-z]+) ([a-z]+)")
+
+
+def parse_listing(text: str, grid_size: int = 3) -> list[Obj] | None:
+    """The objects of a slot listing, the think part of an image-understanding answer (inverse of its rendering).
+
+    Args:
+        text: E.g. ``"top left: red square; center: blue plus."`` (case, spaces and the final period do not
+            matter); ``"<think>…</think>"`` tags around it are removed.
+        grid_size: Slots per side.
+
+    Returns:
+        The objects in reading order, or ``None`` if an item does not parse, names an unknown colour, shape or slot,
+        or two items share a slot.
+
+    Example:
+        >>> parse_listing("<think>Top left: red square; center: blue plus.</think>")
+        [('red', 'square', 0, 0), ('blue', 'plus', 1, 1)]
+        >>> parse_listing("top left: a red square") is None
+        True
+    """
+    text = _normalise(_think_content(text))
+    objects: list[Obj] = []
+    for item in text.split(";"):
+        match = _LISTING_ITEM.fullmatch(item.strip())
+        if match is None or not _color_shape(match.group(2), match.group(3)):
+            return None
+        try:
+            row, col = parse_slot(match.group(1), grid_size)
+        except ValueError:
+            return None
+        objects.append((match.group(2), match.group(3), row, col))
+    return _valid_objects(objects)
+
+
 # --------------------------------------------------------------------------------------------- r2i references
 
 
@@ -628,9 +663,7 @@ class ShapesWorld(SyntheticTask):
 
     def alignment(self, caption: str, image: Any) -> bool:
         """Exact image-text alignment: the image reads cleanly and holds exactly the caption's objects."""
-        objects = self.parse(caption)
-        reading = self.read(image)
-        return objects is not None and reading.clean and set(reading.objects) == set(objects)
+        return self.objects_match(self.parse(caption), image)
 
     def alignment_score(self, caption: str, image: Any) -> float:
         """F1 between the caption's objects and the image's (0 if the caption does not parse).
@@ -638,7 +671,17 @@ class ShapesWorld(SyntheticTask):
         Unreadable slots count as wrong objects (they lower the precision); a caption ``"nothing"`` and an empty
         image score 1.
         """
-        objects = self.parse(caption)
+        return self.objects_f1(self.parse(caption), image)
+
+    def objects_match(self, objects: Sequence[Obj] | None, image: Any) -> bool:
+        """Whether ``image`` reads cleanly and holds exactly ``objects`` (``None``, an unparsed text: False)."""
+        if objects is None:
+            return False
+        reading = self.read(image)
+        return reading.clean and set(reading.objects) == set(objects)
+
+    def objects_f1(self, objects: Sequence[Obj] | None, image: Any) -> float:
+        """Object-level F1 of ``objects`` against ``image`` (see :meth:`alignment_score`; ``None`` scores 0)."""
         if objects is None:
             return 0.0
         reading = self.read(image)
@@ -647,6 +690,10 @@ class ShapesWorld(SyntheticTask):
             return 1.0
         hits = len(set(objects) & set(reading.objects))
         return 2 * hits / (len(objects) + found)
+
+    def parse_listing(self, text: str) -> list[Obj] | None:
+        """:func:`parse_listing` with this task's grid size."""
+        return parse_listing(text, self.grid_size)
 
     def _target_objects(self, sample: dict[str, Any], target: str) -> list[Obj]:
         if target not in _TARGETS:
