@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 
 def run_recipe(
@@ -46,3 +53,161 @@ def run_recipe(
         args=list(args) if args is not None else None,
         run=run,
     )
+
+
+# ------------------------------------------------------------------------------------------------- warm starts
+# RL recipes start from a policy that our own SFT recipes train once and cache. What differs between them is which
+# recipe and configs train it; the caching (hash-keyed, atomic, phase by phase) and the `--warm_start` flag are here.
+
+
+@dataclass(frozen=True)
+class SFTRecipe:
+    """The recipe that trains a warm start: its stage, DataModule base and embedded default config.
+
+    Attributes:
+        model_class: The SFT stage.
+        datamodule_class: Its DataModule base.
+        default_config: The recipe's embedded default YAML.
+        backbone_class_path: Class path of the backbone a later phase reloads from the previous phase's directory.
+    """
+
+    model_class: type[L.LightningModule]
+    datamodule_class: type[L.LightningDataModule]
+    default_config: Path
+    backbone_class_path: str = "dllm_zoo.backbones.LLaDABackbone"
+
+
+WarmStartPhases = Sequence[tuple[str, Sequence[Path]]]
+
+
+def warm_start_dirs(
+    prefix: str, recipe: SFTRecipe, phases: WarmStartPhases, cache_dir: str | Path | None = None
+) -> list[tuple[Path, tuple[Path, ...]]]:
+    """``(directory, configs)`` of each phase; a phase's configs include those of the phases before it.
+
+    The directory ``<cache>/warm_start/<prefix>-<phase>-<hash>`` carries the hash of the recipe's default config and
+    of every config up to that phase, so editing a config trains a new warm start instead of reusing a stale one.
+    """
+    from dllm_zoo.data.synthetic.base import default_cache_dir
+
+    digest = hashlib.sha256(Path(recipe.default_config).read_bytes())
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "warm_start"
+    out: list[tuple[Path, tuple[Path, ...]]] = []
+    configs: tuple[Path, ...] = ()
+    for name, files in phases:
+        for path in files:
+            digest.update(Path(path).read_bytes())
+        configs = (*configs, *(Path(p) for p in files))
+        out.append((root / f"{prefix}-{name}-{digest.hexdigest()[:12]}", configs))
+    return out
+
+
+def _train_phase(out: Path, recipe: SFTRecipe, configs: tuple[Path, ...], start: Path | None) -> None:
+    """Run ``recipe`` with ``configs`` (from the backbone directory ``start``) and save the backbone atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".sft-") as work:
+        print(f"warm start: training {out.name} (cached in {out.parent})", flush=True)
+        args = ["fit", *(f"--config={p}" for p in configs), f"--trainer.default_root_dir={work}"]
+        args += [f"--trainer.logger.init_args.save_dir={work}"]
+        if start is not None:  # a YAML file, because `config: null` cannot be given as a flag
+            init = Path(work) / "init.yaml"
+            init.write_text(
+                f"model:\n  init_args:\n    backbone:\n      class_path: {recipe.backbone_class_path}\n"
+                f"      init_args:\n        config: null\n        pretrained: {json.dumps(str(start))}\n"
+            )
+            args.append(f"--config={init}")
+        cli = run_recipe(recipe.model_class, recipe.datamodule_class, recipe.default_config, args)
+        staged = Path(work) / "backbone"
+        cli.model.net.save_pretrained(staged)
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+        record = {
+            "steps": cli.trainer.global_step,
+            "configs": [str(p) for p in configs],
+            "start": None if start is None else str(start),
+            **metrics,
+        }
+        (staged / "warm_start.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"warm start: {record}", flush=True)
+        try:
+            os.replace(staged, out)
+        except OSError:  # another process won the race: its copy is as good as ours
+            if not (out / "config.json").is_file():
+                raise
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def cached_warm_start(
+    prefix: str, recipe: SFTRecipe, phases: WarmStartPhases, cache_dir: str | Path | None = None
+) -> Path:
+    """The cached warm-start backbone directory, trained phase by phase by ``recipe`` where missing.
+
+    Each phase continues from the previous phase's backbone and is written atomically (a temporary sibling renamed
+    into place), so an interrupted run never leaves a half-written warm start behind, and a finished phase is reused.
+
+    Args:
+        prefix: Name prefix of the cache directories (e.g. ``"unigrpo-arithmetic"``).
+        recipe: The SFT recipe that trains every phase.
+        phases: ``(name, extra configs)`` per phase, in order (at least one).
+        cache_dir: Cache root (default ``$DLLM_ZOO_CACHE``).
+
+    Returns:
+        The last phase's backbone directory.
+    """
+    if not phases:
+        raise ValueError("a warm start needs at least one phase")
+    start: Path | None = None
+    for out, configs in warm_start_dirs(prefix, recipe, phases, cache_dir):
+        if not (out / "config.json").is_file():
+            _train_phase(out, recipe, configs, start)
+        start = out
+    assert start is not None
+    return start
+
+
+class WarmStartCLI(LightningCLI):
+    """LightningCLI with ``--warm_start auto|none|<dir>``: where the policy's weights come from.
+
+    ``auto`` calls :meth:`ensure_warm_start` (the recipe's cached SFT run), ``none`` keeps the backbone as configured,
+    a path is a backbone checkpoint directory. The chosen directory becomes ``pretrained`` of every backbone
+    :meth:`warm_start_backbones` returns, and their preset is dropped (it comes from the checkpoint's config.json).
+    """
+
+    auto_help: ClassVar[str] = "the recipe's cached SFT warm start (trained once if missing)"
+
+    def ensure_warm_start(self, config: Any) -> Path:
+        """The directory of ``--warm_start auto`` for the parsed ``config`` (override in the recipe)."""
+        raise ValueError(f"{type(self).__name__} has no automatic warm start: give --warm_start a directory or none")
+
+    def warm_start_backbones(self, config: Any) -> list[Any]:
+        """The backbone config nodes that load the warm start (default: the policy's)."""
+        return [config.model.init_args.backbone]
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Add ``--warm_start``."""
+        parser.add_argument(
+            "--warm_start",
+            type=str,
+            default="auto",
+            help=f"auto: {self.auto_help}; none: the backbone as configured; a path: a backbone checkpoint "
+            "directory (config.json + safetensors) to start from",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Point the backbones at the warm start before anything is built."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        choice = config.get("warm_start", "none")
+        if choice in (None, "none", "None"):
+            return
+        if choice == "auto":
+            path = self.ensure_warm_start(config)
+        else:
+            path = Path(choice)
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"--warm_start {choice}: not a backbone checkpoint directory (no config.json); give the directory "
+                    "written by save_pretrained / `dllm-zoo convert-checkpoint`, or auto / none"
+                )
+        for backbone in self.warm_start_backbones(config):
+            backbone.init_args.pretrained = str(path)
+            if "config" in backbone.init_args:
+                backbone.init_args.config = None  # the preset comes from the checkpoint's config.json

@@ -8,6 +8,7 @@ from dllm_zoo.stages.parallel_sft import ParallelSFT
 from dllm_zoo.stages.pararl import ParaRL
 from dllm_zoo.stages.policy_gradient import PolicyGradientStage
 from dllm_zoo.stages.pretrain import MaskedDiffusionPretraining
+from dllm_zoo.stages.tracerl import TraceRL
 from dllm_zoo.stages.unigrpo import UniGRPO
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "ParaRL",
     "ParallelSFT",
     "PolicyGradientStage",
+    "TraceRL",
     "UniGRPO",
 ]
