@@ -104,3 +104,36 @@ def test_masked_token_logprobs_match_a_full_forward_and_carry_gradients() -> Non
     assert (ent[~targets] == 0).all()
     logp.sum().backward()
     assert model.transformer_blocks()[0].q_proj.weight.grad is not None  # type: ignore[union-attr]
+
+
+def test_kept_selects_every_per_rollout_field_and_keeps_the_rest() -> None:
+    from dllm_zoo.stages.tracerl import TraceRollout  # a subclass with its own per-rollout and scalar fields
+
+    t = torch.arange(6).view(3, 2)
+    r = TraceRollout(
+        tokens=t,
+        attention_mask=t > 0,
+        prompt_mask=t > 0,
+        response_mask=t > 1,
+        step_map=t,
+        group=torch.tensor([0, 0, 1]),
+        rewards={"a": torch.tensor([1.0, 2.0, 3.0])},
+        advantages=torch.tensor([0.5, -0.5, 0.0]),
+        keep=torch.tensor([True, False, True]),
+        completions=["x", "y", "z"],
+        nfe=5,
+        prompt_width=7,
+        chunk_rewards=torch.arange(12.0).view(3, 4),
+    )
+    k = r.kept()
+    assert type(k) is TraceRollout
+    assert k.tokens.tolist() == [[0, 1], [4, 5]]
+    assert k.group.tolist() == [0, 1]
+    assert k.rewards["a"].tolist() == [1.0, 3.0]
+    assert k.advantages is not None
+    assert k.advantages.tolist() == [0.5, 0.0]
+    assert k.completions == ["x", "z"]
+    assert (k.nfe, k.prompt_width) == (5, 7)
+    assert k.chunk_rewards is not None
+    assert k.chunk_rewards[:, 0].tolist() == [0.0, 8.0]
+    assert r.tokens.shape[0] == 3  # the original is untouched

@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from rl_testing import RewardTrace, Sevens, fit_quietly
 
 from dllm_zoo.backbones import LLaDABackbone, SDARBackbone
 from dllm_zoo.backbones.attention import block_causal_mask
@@ -76,21 +77,7 @@ def _data(batch_size: int = 3) -> PromptDataModule:
 
 
 def _fit(stage: TraceRL, steps: int = 2, **trainer: Any) -> L.Trainer:
-    t = L.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        limit_val_batches=0,
-        log_every_n_steps=1,
-        **trainer,
-    )
-    stage.on_train_start = lambda: None  # type: ignore[method-assign]  # skip the held-out report: speed
-    stage.on_train_end = lambda: None  # type: ignore[method-assign]
-    t.fit(stage, _data())
-    return t
+    return fit_quietly(stage, _data(), steps, **trainer)
 
 
 def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
@@ -111,7 +98,9 @@ def _scored_rollout(stage: TraceRL, left_pad: bool = False) -> tuple[TraceRollou
     stage._tokenizer = dm.tokenizer
     rollout = stage.rollout(batch, stage.sampler, stage.num_generations, torch.Generator().manual_seed(0))
     stage.advantages(rollout)
-    return stage._kept(rollout)
+    sub = rollout.kept()
+    assert sub.advantages is not None
+    return sub, sub.advantages
 
 
 # ----------------------------------------------------------------------------------------------- value model
@@ -284,26 +273,9 @@ def test_process_rewards_land_on_the_step_that_completed_each_chunk_and_train() 
 
 
 # ------------------------------------------------------------------------------------ the policy gradient works
-class Sevens(Reward):
-    """Share of '7' characters in the completion: an easy target that only the policy gradient can raise."""
-
-    name = "sevens"
-
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> list[float | None]:
-        return [c.count("7") / max(1, len(c)) for c in completions]
-
-
-class RewardTrace(L.Callback):
-    def __init__(self) -> None:
-        self.values: list[float] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.values.append(float(trainer.callback_metrics["train/reward/sevens"]))
-
-
 def test_the_trace_policy_gradient_raises_the_reward() -> None:
     """End to end on the block model: sampled completions with more sevens become more likely."""
-    trace = RewardTrace()
+    trace = RewardTrace("sevens")
     stage = _stage(
         rewards=[Sevens()],
         accuracy_reward=None,

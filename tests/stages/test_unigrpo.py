@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from rl_testing import RewardTrace, Sevens, fit_quietly
 
 from dllm_zoo.adapters import LoRA
 from dllm_zoo.backbones import LLaDABackbone
@@ -270,26 +271,9 @@ data:
     assert (out / "config.json").stat().st_mtime_ns == stamp
 
 
-class Sevens(Reward):
-    """Share of '7' characters in the completion: an easy target that only the policy gradient can raise."""
-
-    name = "sevens"
-
-    def __call__(self, prompts: list[str], completions: list[str], **fields: Any) -> list[float | None]:
-        return [c.count("7") / max(1, len(c)) for c in completions]
-
-
-class RewardTrace(L.Callback):
-    def __init__(self) -> None:
-        self.values: list[float] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.values.append(float(trainer.callback_metrics["train/reward/sevens"]))
-
-
 def test_the_policy_gradient_raises_the_reward() -> None:
     """End to end through the stage: sampled completions with higher reward become more likely."""
-    trace = RewardTrace()
+    trace = RewardTrace("sevens")
     stage = _stage(
         rewards=[Sevens()],
         accuracy_reward=None,
@@ -297,20 +281,7 @@ def test_the_policy_gradient_raises_the_reward() -> None:
         inner_iterations=2,
         optim=OptimConfig(lr=3e-3, weight_decay=0.0, warmup_steps=1, min_lr_scale=1.0),
     )
-    t = L.Trainer(
-        max_steps=40,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        limit_val_batches=0,
-        log_every_n_steps=1,
-        callbacks=[trace],
-    )
-    stage.on_train_start = lambda: None  # type: ignore[method-assign]
-    stage.on_train_end = lambda: None  # type: ignore[method-assign]
-    t.fit(stage, _data(batch_size=4))
+    fit_quietly(stage, _data(batch_size=4), 40, callbacks=[trace])
     # pinned (seeded, CPU): the share of sevens climbs from ~0 to ~0.9 over 20 RL steps
     first, last = sum(trace.values[:4]) / 4, sum(trace.values[-4:]) / 4
     assert first < 0.05

@@ -3,9 +3,9 @@
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
+from rl_testing import RewardTrace, fit_quietly
 
 from dllm_zoo.backbones import LLaDABackbone
 from dllm_zoo.data import MultimodalPromptDataModule
@@ -119,16 +119,8 @@ class Reds(Reward):
         return [None if im is None else sum(v == red for row in im for v in row) / 81 for im in fields["images"]]
 
 
-class RewardTrace(L.Callback):
-    def __init__(self) -> None:
-        self.values: list[float] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.values.append(float(trainer.callback_metrics["train/reward/reds"]))
-
-
 def test_the_policy_gradient_through_image_codes_raises_an_image_reward(tmp_path: Path) -> None:
-    trace = RewardTrace()
+    trace = RewardTrace("reds")
     stage = _stage(
         rewards=[Reds()],
         reward_weights=None,
@@ -138,20 +130,7 @@ def test_the_policy_gradient_through_image_codes_raises_an_image_reward(tmp_path
         optim=OptimConfig(lr=3e-3, weight_decay=0.0, warmup_steps=1, min_lr_scale=1.0),
     )
     dm = MultimodalPromptDataModule(task=TASK, tasks={"t2i": 1.0}, batch_size=2, cache_dir=str(tmp_path))
-    t = L.Trainer(
-        max_steps=16,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        limit_val_batches=0,
-        log_every_n_steps=1,
-        callbacks=[trace],
-    )
-    stage.on_train_start = lambda: None  # type: ignore[method-assign]
-    stage.on_train_end = lambda: None  # type: ignore[method-assign]
-    t.fit(stage, dm)
+    fit_quietly(stage, dm, 16, callbacks=[trace])
     first, last = sum(trace.values[:3]) / 3, sum(trace.values[-3:]) / 3
     # pinned (seeded, CPU): the red share climbs from ~0.06 to ~0.5 in 8 RL steps
     assert last > first + 0.2, trace.values

@@ -8,10 +8,11 @@ and consumed by the stage in the same process.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from dllm_zoo.rewards.base import Reward
 from dllm_zoo.rl.advantages import StdKind, group_advantages
 
 RewardAggregation = Literal["sum_then_normalize", "normalize_then_sum"]
+_R = TypeVar("_R", bound="Rollout")
 
 
 @dataclass
@@ -58,6 +60,28 @@ class Rollout:
     def num_rollouts(self) -> int:
         """``N``."""
         return int(self.tokens.shape[0])
+
+    def kept(self: _R) -> _R:
+        """The rollouts whose ``keep`` is True (all when ``keep`` is unset), every per-rollout field indexed.
+
+        Per-rollout tensors (first dimension ``N``, in subclasses too), the rewards and the completion texts are
+        selected; other fields (``nfe``, widths) are copied. One host sync (the kept indices).
+        """
+        n = self.num_rollouts
+        if self.keep is None:
+            return dataclasses.replace(self)
+        index = self.keep.nonzero().squeeze(1)
+        rows = index.tolist()
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
+                changes[f.name] = value[index]
+            elif f.name == "rewards":
+                changes[f.name] = {k: v[index] for k, v in value.items()}
+            elif f.name == "completions" and len(value) == n:
+                changes[f.name] = [value[i] for i in rows]
+        return dataclasses.replace(self, **changes)
 
 
 def repeat_prompts(prompt_ids: Tensor, prompt_mask: Tensor, num_generations: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -588,22 +588,6 @@ class TraceRL(UniGRPO):
         return self.value_model(noisy, attention_mask=mask, position_ids=positions)
 
     # ------------------------------------------------------------ optimisation
-    def _kept(self, rollout: TraceRollout) -> tuple[TraceRollout, Tensor]:
-        assert rollout.keep is not None
-        assert rollout.advantages is not None
-        keep = rollout.keep.nonzero().squeeze(1)  # one host sync per RL step
-        sub = TraceRollout(
-            tokens=rollout.tokens[keep],
-            attention_mask=rollout.attention_mask[keep],
-            prompt_mask=rollout.prompt_mask[keep],
-            response_mask=rollout.response_mask[keep],
-            step_map=rollout.step_map[keep],
-            group=rollout.group[keep],
-            prompt_width=rollout.prompt_width,
-            chunk_rewards=None if rollout.chunk_rewards is None else rollout.chunk_rewards[keep],
-        )
-        return sub, rollout.advantages[keep]
-
     def trace_gae(self, sub: TraceRollout, adv: Tensor, trace: TraceRows, old: Tensor) -> tuple[StepGAE, Tensor]:
         """Token rewards, step returns and GAE of the kept rollouts from the old values at their trace rows.
 
@@ -690,7 +674,9 @@ class TraceRL(UniGRPO):
     def optimise(self, rollout: Rollout, generator: torch.Generator | None) -> dict[str, Tensor]:
         """Rows of the kept rollouts, the value model's step (if any), then ``μ`` policy iterations."""
         assert isinstance(rollout, TraceRollout)  # self.rollout made it
-        sub, adv = self._kept(rollout)
+        sub = rollout.kept()  # one host sync per RL step
+        adv = sub.advantages
+        assert adv is not None  # set by advantages()
         if sub.num_rollouts == 0:
             return {}
         with self.timed("rows"):

@@ -386,18 +386,9 @@ class UniGRPO(PolicyGradientStage):
 
     def optimise(self, rollout: Rollout, generator: torch.Generator | None) -> dict[str, Tensor]:
         """The ``μ`` inner iterations on the kept completions; returns averaged diagnostics."""
-        assert rollout.keep is not None
-        assert rollout.advantages is not None
-        keep = rollout.keep.nonzero().squeeze(1)  # one host sync per RL step
-        sub = Rollout(
-            tokens=rollout.tokens[keep],
-            attention_mask=rollout.attention_mask[keep],
-            prompt_mask=rollout.prompt_mask[keep],
-            response_mask=rollout.response_mask[keep],
-            step_map=rollout.step_map[keep],
-            group=rollout.group[keep],
-        )
-        adv = rollout.advantages[keep]
+        sub = rollout.kept()  # one host sync per RL step
+        adv = sub.advantages
+        assert adv is not None  # set by advantages()
         if sub.num_rollouts == 0:
             return {}
         mu = self.inner_iterations
