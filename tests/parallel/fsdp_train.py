@@ -145,6 +145,11 @@ def main() -> None:
     trainer.fit(stage, train_dataloaders=loader, ckpt_path=args.resume)
     out = Path(args.out) / f"rank{trainer.global_rank}.json"
     out.write_text(json.dumps({"losses": record.losses, "layout": record.layout}))
+    # Tear gloo down before interpreter exit: left to the atexit order, its threads were once destroyed while still
+    # joinable ("terminate called without an active exception", SIGABRT after a finished fit).
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
