@@ -41,6 +41,7 @@ FIELDS = {
     "r2i_reasoning",
     "edit_instruction",
     "edit_reasoning",
+    "edit_brief",
     "output_image",
     "output_caption",
     "output_objects",
@@ -476,6 +477,8 @@ def test_other_grid_and_cell_sizes() -> None:
         assert task.check_image(s["image"], s)
         assert task.check_image(s["output_image"], s, target="output_image")
         assert task.check_reasoning(s["edit_reasoning"], s, target="output_image")
+        assert s["edit_brief"] == f"<think>Result: {s['output_caption']}.</think>"
+        assert task.check_reasoning(s["edit_brief"], s, target="output_image")
         assert "top" not in s["caption"]
         assert "row " in s["caption"]
 

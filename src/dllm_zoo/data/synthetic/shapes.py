@@ -528,8 +528,10 @@ class ShapesWorld(SyntheticTask):
       square in the corner opposite the bottom right."``), and ``r2i_reasoning`` = ``"<think>{caption}</think>"``.
     * Editing (MMaDA-Parallel's quadruplet): ``edit_instruction`` (move / recolor / reshape / remove / add),
       ``edit_reasoning`` (``"<think>…. Result: {output_caption}.</think>"``), ``output_image``,
-      ``output_objects`` and ``output_caption``. Edits are always valid (no move off the grid or onto a shape;
-      one object at least remains; adds go to empty slots, so an output may hold ``max_objects + 1`` shapes).
+      ``output_objects`` and ``output_caption``; ``edit_brief`` = ``"<think>Result: {output_caption}.</think>"``
+      is the reasoning without its step (a shorter target for small models: ``--data.fields``). Edits are always
+      valid (no move off the grid or onto a shape; one object at least remains; adds go to empty slots, so an output
+      may hold ``max_objects + 1`` shapes).
     * ``question_kind`` and ``edit_kind``, for per-kind metrics.
 
     Generation: a sample draws its object count uniformly from ``1..max_objects``, then one image uniformly from
@@ -560,7 +562,7 @@ class ShapesWorld(SyntheticTask):
     """
 
     name = "shapes"
-    version = 1
+    version = 2  # 2: edit_brief
 
     def __init__(
         self,
@@ -824,6 +826,7 @@ class ShapesWorld(SyntheticTask):
             "r2i_reasoning": f"<think>{caption}</think>",
             "edit_instruction": instruction,
             "edit_reasoning": reasoning,
+            "edit_brief": f"<think>Result: {self.caption(output)}.</think>",
             "output_image": self.render(output),
             "output_caption": self.caption(output),
             "output_objects": [list(o) for o in output],
