@@ -198,6 +198,9 @@ class WarmStartCLI(LightningCLI):
         choice = config.get("warm_start", "none")
         if choice in (None, "none", "None"):
             return
+        backbones = self.warm_start_backbones(config)
+        if not backbones:  # e.g. every backbone names its own checkpoint and the recipe's auto leaves those alone
+            return
         if choice == "auto":
             path = self.ensure_warm_start(config)
         else:
@@ -207,7 +210,7 @@ class WarmStartCLI(LightningCLI):
                     f"--warm_start {choice}: not a backbone checkpoint directory (no config.json); give the directory "
                     "written by save_pretrained / `dllm-zoo convert-checkpoint`, or auto / none"
                 )
-        for backbone in self.warm_start_backbones(config):
+        for backbone in backbones:
             backbone.init_args.pretrained = str(path)
             if "config" in backbone.init_args:
                 backbone.init_args.config = None  # the preset comes from the checkpoint's config.json

@@ -1,3 +1,4 @@
+import json
 import runpy
 from pathlib import Path
 
@@ -171,7 +172,7 @@ trainer:
       init_args:
         sampler:
           class_path: dllm_zoo.samplers.ParallelSampler
-          init_args: {text_len: 192, num_image_tokens: 81, codebook_size: 16, steps: 2}
+          init_args: {text_len: 104, num_image_tokens: 81, codebook_size: 16, steps: 2}
         limit: 2
         batch_size: 4
         every_n_val: 0
@@ -182,6 +183,7 @@ trainer:
             "fit",
             "--config",
             str(small_eval),
+            "--warm_start=none",  # the MMaDA warm start is tested on its own below
             "--trainer.log_every_n_steps=1",
             "--trainer.max_steps=3",
             "--trainer.val_check_interval=3",
@@ -218,7 +220,7 @@ trainer:
       init_args:
         sampler:
           class_path: dllm_zoo.samplers.ParallelSampler
-          init_args: {{text_len: 192, num_image_tokens: 81, codebook_size: 16, steps: 2}}
+          init_args: {{text_len: 104, num_image_tokens: 81, codebook_size: 16, steps: 2}}
         limit: 2
         batch_size: 4
         every_n_val: 0
@@ -229,11 +231,12 @@ model:
       init_args: {{config: null, pretrained: {str(tmp_path / "sft")!r}}}
     sampler:
       class_path: dllm_zoo.samplers.ParallelSampler
-      init_args: {{text_len: 192, num_image_tokens: 81, codebook_size: 16, steps: 4, image_guidance_scale: 1.5}}
+      init_args: {{text_len: 104, num_image_tokens: 81, codebook_size: 16, steps: 4, image_guidance_scale: 1.5}}
     num_generations: 2
     stats_samples: 4
 """
     )
+    # no --warm_start: under the default auto, a backbone with its own `pretrained` keeps it (nothing is trained)
     recipe_main("mmada_parallel")(
         [
             "fit",
@@ -258,3 +261,35 @@ model:
     scalars = set(events.Tags()["scalars"])
     assert {"train/output_alignment", "train/kl", "time/rollout", "parabench/overall/output_alignment"} <= scalars
     assert (version / "parabench.md").is_file()
+
+
+def test_mmada_parallel_warm_start_is_the_cached_mmada_pretraining(tmp_path: Path) -> None:
+    from dllm_zoo.backbones import LLaDABackbone
+
+    recipe = runpy.run_path(str(ROOT / "recipes" / "mmada_parallel.py"))
+    tiny = tmp_path / "tiny_pretrain.yaml"
+    tiny.write_text(
+        """
+trainer:
+  max_steps: 2
+  val_check_interval: 2
+  limit_val_batches: 1
+  callbacks: []
+  enable_checkpointing: false
+model:
+  init_args:
+    backbone:
+      init_args: {config: tiny}
+    optim: {warmup_steps: 1}
+"""
+    )
+    ensure = recipe["ensure_warm_start"]
+    phases = recipe["WARM_START_PHASES"]
+    ensure.__globals__["WARM_START_PHASES"] = tuple((name, (*files, tiny)) for name, files in phases)
+    try:
+        out = ensure(tmp_path / "cache")
+    finally:
+        ensure.__globals__["WARM_START_PHASES"] = phases
+    assert out.name.startswith("mmada-parallel-shapes-pretrain-")
+    assert LLaDABackbone(pretrained=str(out)).config == LLaDABackbone("tiny").config
+    assert json.loads((out / "warm_start.json").read_text())["steps"] == 2
