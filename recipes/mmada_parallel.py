@@ -19,11 +19,19 @@ under ``$DLLM_ZOO_CACHE/warm_start/`` (keyed by the hash of that config). A back
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dllm_zoo.data import MultiTaskDataModule, ParallelDataModule
-from dllm_zoo.recipe import SFTRecipe, WarmStartCLI, cached_warm_start, run_recipe, warm_start_dirs
+from dllm_zoo.recipe import (
+    SFTRecipe,
+    WarmStartCLI,
+    cached_warm_start,
+    run_recipe,
+    warm_start_dirs,
+    with_extra_configs,
+)
 from dllm_zoo.stages import DiffusionStage, MMaDAPretraining
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -38,9 +46,12 @@ def warm_start_dir(cache_dir: str | Path | None = None) -> Path:
     return warm_start_dirs(PREFIX, PRETRAINING, WARM_START_PHASES, cache_dir)[-1][0]
 
 
-def ensure_warm_start(cache_dir: str | Path | None = None) -> Path:
-    """The cached warm-start backbone directory, trained by ``recipes/mmada.py`` when missing (written atomically)."""
-    return cached_warm_start(PREFIX, PRETRAINING, WARM_START_PHASES, cache_dir)
+def ensure_warm_start(cache_dir: str | Path | None = None, extra_configs: Sequence[Path] = ()) -> Path:
+    """The cached warm-start backbone directory, trained by ``recipes/mmada.py`` when missing (written atomically).
+
+    ``extra_configs`` go on top of every phase (and into its cache key), e.g. a test's shorter run.
+    """
+    return cached_warm_start(PREFIX, PRETRAINING, with_extra_configs(WARM_START_PHASES, extra_configs), cache_dir)
 
 
 class MMaDAParallelCLI(WarmStartCLI):

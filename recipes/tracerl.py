@@ -15,11 +15,19 @@ model starts from the same weights (the release initialises it from the policy c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dllm_zoo.data import PromptDataModule, TextDiffusionDataModule
-from dllm_zoo.recipe import SFTRecipe, WarmStartCLI, cached_warm_start, run_recipe, warm_start_dirs
+from dllm_zoo.recipe import (
+    SFTRecipe,
+    WarmStartCLI,
+    cached_warm_start,
+    run_recipe,
+    warm_start_dirs,
+    with_extra_configs,
+)
 from dllm_zoo.stages import BlockDiffusionSFT, TraceRL
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -37,9 +45,12 @@ def warm_start_dir(cache_dir: str | Path | None = None) -> Path:
     return warm_start_dirs(PREFIX, SFT, WARM_START_PHASES, cache_dir)[-1][0]
 
 
-def ensure_warm_start(cache_dir: str | Path | None = None) -> Path:
-    """The cached warm-start backbone directory, trained by ``recipes/sdar.py`` when missing (written atomically)."""
-    return cached_warm_start(PREFIX, SFT, WARM_START_PHASES, cache_dir)
+def ensure_warm_start(cache_dir: str | Path | None = None, extra_configs: Sequence[Path] = ()) -> Path:
+    """The cached warm-start backbone directory, trained by ``recipes/sdar.py`` when missing (written atomically).
+
+    ``extra_configs`` go on top of every phase (and into its cache key), e.g. a test's shorter run.
+    """
+    return cached_warm_start(PREFIX, SFT, with_extra_configs(WARM_START_PHASES, extra_configs), cache_dir)
 
 
 class TraceRLCLI(WarmStartCLI):

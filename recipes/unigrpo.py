@@ -15,11 +15,19 @@ The run logs the held-out accuracy before and after RL on the same prompts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dllm_zoo.data import PromptDataModule, TextDiffusionDataModule
-from dllm_zoo.recipe import SFTRecipe, WarmStartCLI, cached_warm_start, run_recipe, warm_start_dirs
+from dllm_zoo.recipe import (
+    SFTRecipe,
+    WarmStartCLI,
+    cached_warm_start,
+    run_recipe,
+    warm_start_dirs,
+    with_extra_configs,
+)
 from dllm_zoo.stages import MaskedDiffusionPretraining, UniGRPO
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -40,9 +48,12 @@ def warm_start_dir(cache_dir: str | Path | None = None) -> Path:
     return warm_start_dirs(PREFIX, SFT, WARM_START_PHASES, cache_dir)[-1][0]
 
 
-def ensure_warm_start(cache_dir: str | Path | None = None) -> Path:
-    """The cached warm-start backbone directory, trained phase by phase by the SFT recipe where missing."""
-    return cached_warm_start(PREFIX, SFT, WARM_START_PHASES, cache_dir)
+def ensure_warm_start(cache_dir: str | Path | None = None, extra_configs: Sequence[Path] = ()) -> Path:
+    """The cached warm-start backbone directory, trained phase by phase by the SFT recipe where missing.
+
+    ``extra_configs`` go on top of every phase (and into its cache key), e.g. a test's shorter run.
+    """
+    return cached_warm_start(PREFIX, SFT, with_extra_configs(WARM_START_PHASES, extra_configs), cache_dir)
 
 
 class UniGRPOCLI(WarmStartCLI):

@@ -80,6 +80,14 @@ class SFTRecipe:
 WarmStartPhases = Sequence[tuple[str, Sequence[Path]]]
 
 
+def with_extra_configs(phases: WarmStartPhases, extra: Sequence[Path]) -> tuple[tuple[str, tuple[Path, ...]], ...]:
+    """``phases`` with ``extra`` config files appended to every phase (e.g. a test's shorter run).
+
+    The extra files are part of each phase's cache key, so they never reuse a warm start trained without them.
+    """
+    return tuple((name, (*files, *extra)) for name, files in phases)
+
+
 def warm_start_dirs(
     prefix: str, recipe: SFTRecipe, phases: WarmStartPhases, cache_dir: str | Path | None = None
 ) -> list[tuple[Path, tuple[Path, ...]]]:

@@ -283,13 +283,7 @@ model:
     optim: {warmup_steps: 1}
 """
     )
-    ensure = recipe["ensure_warm_start"]
-    phases = recipe["WARM_START_PHASES"]
-    ensure.__globals__["WARM_START_PHASES"] = tuple((name, (*files, tiny)) for name, files in phases)
-    try:
-        out = ensure(tmp_path / "cache")
-    finally:
-        ensure.__globals__["WARM_START_PHASES"] = phases
+    out = recipe["ensure_warm_start"](tmp_path / "cache", extra_configs=(tiny,))
     assert out.name.startswith("mmada-parallel-shapes-pretrain-")
     assert LLaDABackbone(pretrained=str(out)).config == LLaDABackbone("tiny").config
     assert json.loads((out / "warm_start.json").read_text())["steps"] == 2

@@ -246,12 +246,7 @@ data:
 """
     )
     ensure = recipe["ensure_warm_start"]
-    phases = recipe["WARM_START_PHASES"]
-    ensure.__globals__["WARM_START_PHASES"] = tuple((name, (*files, tiny)) for name, files in phases)
-    try:
-        out = ensure(tmp_path / "cache")
-    finally:
-        ensure.__globals__["WARM_START_PHASES"] = phases
+    out = ensure(tmp_path / "cache", extra_configs=(tiny,))
     assert (out / "config.json").is_file()
     assert out.parent == tmp_path / "cache" / "warm_start"
     # one directory per phase and no temporary directory left behind
@@ -263,11 +258,7 @@ data:
     loaded = LLaDABackbone(pretrained=str(out))
     assert loaded.config == LLaDABackbone("tiny").config
     stamp = (out / "config.json").stat().st_mtime_ns
-    ensure.__globals__["WARM_START_PHASES"] = tuple((name, (*files, tiny)) for name, files in phases)
-    try:
-        assert ensure(tmp_path / "cache") == out
-    finally:
-        ensure.__globals__["WARM_START_PHASES"] = phases
+    assert ensure(tmp_path / "cache", extra_configs=(tiny,)) == out
     assert (out / "config.json").stat().st_mtime_ns == stamp
 
 
