@@ -15,19 +15,11 @@ model starts from the same weights (the release initialises it from the policy c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dllm_zoo.data import PromptDataModule, TextDiffusionDataModule
-from dllm_zoo.recipe import (
-    SFTRecipe,
-    WarmStartCLI,
-    cached_warm_start,
-    run_recipe,
-    warm_start_dirs,
-    with_extra_configs,
-)
+from dllm_zoo.recipe import SFTRecipe, WarmStart, WarmStartCLI, run_recipe
 from dllm_zoo.stages import BlockDiffusionSFT, TraceRL
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -37,36 +29,14 @@ SFT = SFTRecipe(
 )
 # The warm start: the block-diffusion SFT recipe's embedded default (plus these files, none by default).
 WARM_START_PHASES: tuple[tuple[str, tuple[Path, ...]], ...] = (("sft", ()),)
-PREFIX = "tracerl-sdar-arithmetic"
-
-
-def warm_start_dir(cache_dir: str | Path | None = None) -> Path:
-    """Where the cached warm start lives; the name carries the hash of the SFT configs."""
-    return warm_start_dirs(PREFIX, SFT, WARM_START_PHASES, cache_dir)[-1][0]
-
-
-def ensure_warm_start(cache_dir: str | Path | None = None, extra_configs: Sequence[Path] = ()) -> Path:
-    """The cached warm-start backbone directory, trained by ``recipes/sdar.py`` when missing (written atomically).
-
-    ``extra_configs`` go on top of every phase (and into its cache key), e.g. a test's shorter run.
-    """
-    return cached_warm_start(PREFIX, SFT, with_extra_configs(WARM_START_PHASES, extra_configs), cache_dir)
+WARM_START = WarmStart("tracerl-sdar-arithmetic", SFT, WARM_START_PHASES)
 
 
 class TraceRLCLI(WarmStartCLI):
     """LightningCLI with ``--warm_start auto|none|<dir>`` (see the module docstring)."""
 
     auto_help = "the cached block-diffusion SFT warm start (trained once if missing)"
-
-    def ensure_warm_start(self, config: Any) -> Path:
-        """The cached SDAR SFT warm start; refused for a backbone it does not fit."""
-        kind = str(config.model.init_args.backbone.class_path)
-        if not kind.endswith("SDARBackbone"):
-            raise ValueError(
-                f"--warm_start auto trains a tiny SDAR block model, which does not fit {kind}: give --warm_start "
-                "a checkpoint directory of that backbone, or none"
-            )
-        return ensure_warm_start()
+    warm_start = WARM_START
 
     def warm_start_backbones(self, config: Any) -> list[Any]:
         """The policy's backbone, and a value model's when it has no checkpoint of its own (the release's init)."""

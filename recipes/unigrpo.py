@@ -15,19 +15,10 @@ The run logs the held-out accuracy before and after RL on the same prompts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from dllm_zoo.data import PromptDataModule, TextDiffusionDataModule
-from dllm_zoo.recipe import (
-    SFTRecipe,
-    WarmStartCLI,
-    cached_warm_start,
-    run_recipe,
-    warm_start_dirs,
-    with_extra_configs,
-)
+from dllm_zoo.recipe import SFTRecipe, WarmStart, WarmStartCLI, run_recipe
 from dllm_zoo.stages import MaskedDiffusionPretraining, UniGRPO
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -40,30 +31,14 @@ WARM_START_PHASES: tuple[tuple[str, tuple[Path, ...]], ...] = (
     ("sft", (CONFIGS / "pretrain" / "sft_arithmetic.yaml", CONFIGS / "unigrpo" / "warm_start.yaml")),
     ("terse", (CONFIGS / "unigrpo" / "warm_start_terse.yaml",)),
 )
-PREFIX = "unigrpo-arithmetic"
-
-
-def warm_start_dir(cache_dir: str | Path | None = None) -> Path:
-    """Where the cached warm start (the last phase) lives; the name carries the hash of the SFT configs."""
-    return warm_start_dirs(PREFIX, SFT, WARM_START_PHASES, cache_dir)[-1][0]
-
-
-def ensure_warm_start(cache_dir: str | Path | None = None, extra_configs: Sequence[Path] = ()) -> Path:
-    """The cached warm-start backbone directory, trained phase by phase by the SFT recipe where missing.
-
-    ``extra_configs`` go on top of every phase (and into its cache key), e.g. a test's shorter run.
-    """
-    return cached_warm_start(PREFIX, SFT, with_extra_configs(WARM_START_PHASES, extra_configs), cache_dir)
+WARM_START = WarmStart("unigrpo-arithmetic", SFT, WARM_START_PHASES)
 
 
 class UniGRPOCLI(WarmStartCLI):
     """LightningCLI with ``--warm_start auto|none|<dir>`` (see the module docstring)."""
 
     auto_help = "the cached SFT warm start (trained once if missing)"
-
-    def ensure_warm_start(self, config: Any) -> Path:
-        """The cached Arithmetic SFT warm start."""
-        return ensure_warm_start()
+    warm_start = WARM_START
 
 
 def main(args: list[str] | None = None) -> None:

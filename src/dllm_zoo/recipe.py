@@ -80,14 +80,6 @@ class SFTRecipe:
 WarmStartPhases = Sequence[tuple[str, Sequence[Path]]]
 
 
-def with_extra_configs(phases: WarmStartPhases, extra: Sequence[Path]) -> tuple[tuple[str, tuple[Path, ...]], ...]:
-    """``phases`` with ``extra`` config files appended to every phase (e.g. a test's shorter run).
-
-    The extra files are part of each phase's cache key, so they never reuse a warm start trained without them.
-    """
-    return tuple((name, (*files, *extra)) for name, files in phases)
-
-
 def warm_start_dirs(
     prefix: str, recipe: SFTRecipe, phases: WarmStartPhases, cache_dir: str | Path | None = None
 ) -> list[tuple[Path, tuple[Path, ...]]]:
@@ -172,19 +164,61 @@ def cached_warm_start(
     return start
 
 
+@dataclass(frozen=True)
+class WarmStart:
+    """A recipe's cached warm start: ``phases`` of the SFT ``recipe``, trained once and cached as backbone directories.
+
+    Attributes:
+        prefix: Name prefix of the cache directories (e.g. ``"unigrpo-arithmetic"``).
+        recipe: The SFT recipe that trains every phase; its ``backbone_class_path`` is the only backbone it fits.
+        phases: ``(name, extra configs)`` per phase, in order (at least one).
+    """
+
+    prefix: str
+    recipe: SFTRecipe
+    phases: tuple[tuple[str, tuple[Path, ...]], ...]
+
+    def directory(self, cache_dir: str | Path | None = None) -> Path:
+        """Where the last phase lives; the name carries the hash of the SFT configs."""
+        return warm_start_dirs(self.prefix, self.recipe, self.phases, cache_dir)[-1][0]
+
+    def ensure(self, cache_dir: str | Path | None = None, extra_configs: Sequence[Path] = ()) -> Path:
+        """The last phase's backbone directory, trained phase by phase where missing (:func:`cached_warm_start`).
+
+        ``extra_configs`` go on top of every phase and into its cache key (e.g. a test's shorter run), so they never
+        reuse a warm start trained without them.
+        """
+        phases = tuple((name, (*files, *extra_configs)) for name, files in self.phases)
+        return cached_warm_start(self.prefix, self.recipe, phases, cache_dir)
+
+
 class WarmStartCLI(LightningCLI):
     """LightningCLI with ``--warm_start auto|none|<dir>``: where the policy's weights come from.
 
-    ``auto`` calls :meth:`ensure_warm_start` (the recipe's cached SFT run), ``none`` keeps the backbone as configured,
-    a path is a backbone checkpoint directory. The chosen directory becomes ``pretrained`` of every backbone
-    :meth:`warm_start_backbones` returns, and their preset is dropped (it comes from the checkpoint's config.json).
+    ``auto`` calls :meth:`ensure_warm_start` (the recipe's cached :class:`WarmStart`, ``warm_start``), ``none`` keeps
+    the backbone as configured, a path is a backbone checkpoint directory. The chosen directory becomes ``pretrained``
+    of every backbone :meth:`warm_start_backbones` returns (under ``auto``, only of those without a ``pretrained`` of
+    their own), and their preset is dropped (it comes from the checkpoint's config.json).
     """
 
     auto_help: ClassVar[str] = "the recipe's cached SFT warm start (trained once if missing)"
+    warm_start: ClassVar[WarmStart | None] = None
 
     def ensure_warm_start(self, config: Any) -> Path:
-        """The directory of ``--warm_start auto`` for the parsed ``config`` (override in the recipe)."""
-        raise ValueError(f"{type(self).__name__} has no automatic warm start: give --warm_start a directory or none")
+        """The directory of ``--warm_start auto``: ``warm_start``, refused for a backbone it does not fit."""
+        if self.warm_start is None:
+            raise ValueError(
+                f"{type(self).__name__} has no automatic warm start: give --warm_start a directory or none"
+            )
+        fits = self.warm_start.recipe.backbone_class_path.rsplit(".", 1)[-1]
+        kind = str(config.model.init_args.backbone.class_path)
+        if kind.rsplit(".", 1)[-1] != fits:
+            raise ValueError(
+                f"--warm_start auto trains a {fits} ({self.warm_start.recipe.default_config.name} of "
+                f"{self.warm_start.recipe.model_class.__name__}), which does not fit {kind}: give --warm_start a "
+                "checkpoint directory of that backbone, or none"
+            )
+        return self.warm_start.ensure()
 
     def warm_start_backbones(self, config: Any) -> list[Any]:
         """The backbone config nodes that load the warm start (default: the policy's)."""
@@ -207,7 +241,9 @@ class WarmStartCLI(LightningCLI):
         if choice in (None, "none", "None"):
             return
         backbones = self.warm_start_backbones(config)
-        if not backbones:  # e.g. every backbone names its own checkpoint and the recipe's auto leaves those alone
+        if choice == "auto":  # a backbone that names its own checkpoint (e.g. a ParaRL config's) keeps it
+            backbones = [b for b in backbones if not b.init_args.get("pretrained")]
+        if not backbones:
             return
         if choice == "auto":
             path = self.ensure_warm_start(config)

@@ -283,7 +283,7 @@ model:
     optim: {warmup_steps: 1}
 """
     )
-    out = recipe["ensure_warm_start"](tmp_path / "cache", extra_configs=(tiny,))
+    out = recipe["WARM_START"].ensure(tmp_path / "cache", extra_configs=(tiny,))
     assert out.name.startswith("mmada-parallel-shapes-pretrain-")
     assert LLaDABackbone(pretrained=str(out)).config == LLaDABackbone("tiny").config
     assert json.loads((out / "warm_start.json").read_text())["steps"] == 2

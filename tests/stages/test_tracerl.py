@@ -373,3 +373,10 @@ def test_the_recipe_runs_two_steps_from_a_backbone_directory(tmp_path: Path) -> 
     version = next((tmp_path).glob("*/version_0"))
     assert list(version.glob("events.out.tfevents.*"))
     assert "TraceRL" in (version / "config.yaml").read_text()
+
+
+def test_the_auto_warm_start_is_refused_for_a_backbone_it_does_not_fit() -> None:
+    main = runpy.run_path(str(ROOT / "recipes" / "tracerl.py"))["main"]
+    config = ROOT / "recipes" / "configs" / "tracerl" / "full_attention.yaml"
+    with pytest.raises(ValueError, match="--warm_start auto trains a SDARBackbone .* does not fit .*LLaDABackbone"):
+        main(["fit", "--config", str(config), "--warm_start", "auto"])

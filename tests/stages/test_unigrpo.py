@@ -245,7 +245,7 @@ data:
       init_args: {num_train: 16, num_val: 4}
 """
     )
-    ensure = recipe["ensure_warm_start"]
+    ensure = recipe["WARM_START"].ensure
     out = ensure(tmp_path / "cache", extra_configs=(tiny,))
     assert (out / "config.json").is_file()
     assert out.parent == tmp_path / "cache" / "warm_start"
