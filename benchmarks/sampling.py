@@ -158,6 +158,7 @@ def llada_section(args: argparse.Namespace, task: Arithmetic) -> dict[str, Any]:
     }
     return {
         "model": "mini LLaDA preset, SFT on Arithmetic",
+        "timing": f"best of {REPEATS} runs",
         "gen_length": g,
         "block_length": blk,
         "threshold": args.threshold,
@@ -233,6 +234,7 @@ def sdar_section(args: argparse.Namespace, task: Arithmetic) -> dict[str, Any]:
     }
     return {
         "model": "tiny SDAR preset, block-diffusion SFT on Arithmetic (recipes/sdar.py default)",
+        "timing": f"best of {REPEATS} runs",
         "gen_length": g,
         "block_length": blk,
         "denoising_steps": steps,

@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from dllm_zoo.backbones.attention import fill_empty_rows, key_padding_to_sdpa, padding_pair_mask, to_sdpa_mask
-from dllm_zoo.backbones.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP, apply_rotary, rotary_inv_freq
+from dllm_zoo.backbones.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLUMLP,
+    apply_rotary,
+    rotary_inv_freq,
+    rotate,
+    rotate_half,
+)
 
 
 # ------------------------------------------------------------------------------------------------- RMSNorm
@@ -77,10 +85,25 @@ def test_rope_is_relative_and_fp32():
     )
 
 
+def test_head_tables_are_the_plain_tables_with_rotate_half_folded_in():
+    rope = RotaryEmbedding(8, theta=500000.0)
+    pos = torch.tensor([[0, 3, 7], [5, 5, 2]])
+    x = torch.randn(2, 3, 2, 8)
+    for positions in (pos, None):
+        cos, sin = rope(3, x.device, positions)
+        hc, hs = rope.head_tables(3, x.device, positions)
+        assert hc.shape[-2:] == (1, 8)
+        expected = x * cos.unsqueeze(-2) + rotate_half(x) * sin.unsqueeze(-2)
+        torch.testing.assert_close(rotate(x, hc, hs), expected, atol=1e-6, rtol=0)
+    float_pos = rope.head_tables(3, x.device, pos.double())[0]
+    assert float_pos.dtype == torch.float32  # float64 positions do not promote the activations
+
+
 def test_rope_tables_are_cached_and_never_saved():
     rope = RotaryEmbedding(8)
-    a = rope(12, torch.device("cpu"))
-    assert rope(12, torch.device("cpu"))[0] is a[0]  # same (seq_len, device): no recomputation
+    a = rope.head_tables(12, torch.device("cpu"))
+    assert rope.head_tables(12, torch.device("cpu"))[0] is a[0]  # same (seq_len, device): no recomputation
+    assert rope.head_tables(13, torch.device("cpu"))[0].shape == (13, 1, 8)
     assert rope(13, torch.device("cpu"))[0].shape == (13, 8)
     assert rope.state_dict() == {}
     assert list(rope.buffers()) == []

@@ -277,8 +277,22 @@ def test_cache_refusals(tiny):
         tiny(window[:1], position_ids=pos[:1], cache=c)
     with pytest.raises(ValueError, match=r"must have shape \(2, 4\)"):
         tiny(window, position_ids=pos, cache=c, attention_mask=torch.ones(2, L + 4))
-    with pytest.raises(ValueError, match=r"4-D attention_mask must have shape \(2, 1, 4, 4\)"):
-        tiny(window, position_ids=pos, cache=c, attention_mask=torch.ones(2, 1, 4, L + 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=rf"4-D attention_mask must have shape \(2, 1, 4, 4\) or \(…, {L + 4}\)"):
+        tiny(window, position_ids=pos, cache=c, attention_mask=torch.ones(2, 1, 4, L + 3, dtype=torch.bool))
+
+
+def test_a_whole_window_mask_equals_the_one_built_from_key_mask_and_pattern(tiny):
+    """A [B, 1, W, S + W] mask (context keys first) is used as-is: a sampler builds it once for many steps."""
+    ids = _ids(2)
+    with torch.no_grad():
+        key_mask = torch.arange(L)[None, :] >= torch.tensor([[0], [3]])
+        c = dataclasses.replace(tiny(ids, return_cache=True).cache, key_mask=key_mask)
+        window, pos = ids[:, :4], _positions(2, 4)
+        own = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+        built = tiny(window, position_ids=pos, cache=c, attention_mask=own.expand(2, 1, 4, 4)).logits
+        whole = torch.cat([c.key_mask[:, None, None, :].expand(2, 1, 4, L), own.expand(2, 1, 4, 4)], dim=-1)
+        given = tiny(window, position_ids=pos, cache=c, attention_mask=whole).logits
+    torch.testing.assert_close(given, built, rtol=0, atol=0)
 
 
 def test_explicit_pattern_with_cache_equals_key_padding_path(tiny):

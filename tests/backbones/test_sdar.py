@@ -493,7 +493,7 @@ def test_cache_refusals(tiny):
     with pytest.raises(ValueError, match="does not fit"):
         tiny(ids[:1, :4], position_ids=pos[:1], cache=c)
     with pytest.raises(ValueError, match="4-D attention_mask must have shape"):
-        tiny(ids[:, :4], position_ids=pos, cache=c, attention_mask=torch.ones(2, 1, 4, 12, dtype=torch.bool))
+        tiny(ids[:, :4], position_ids=pos, cache=c, attention_mask=torch.ones(2, 1, 4, 11, dtype=torch.bool))
 
 
 # -------------------------------------------------------------------------------------- outputs, training

@@ -371,7 +371,7 @@ class LLaDABlock(nn.Module):
 
         Args:
             x: Residual stream ``[B, L, D]``.
-            cos: RoPE table, fp32 ``[L, head_dim]`` or ``[B, L, head_dim]``.
+            cos: RoPE tables from :meth:`~dllm_zoo.backbones.layers.RotaryEmbedding.head_tables` (see :func:`attend`).
             sin: Same shape as ``cos``.
             attn_mask: ``None`` or bool mask broadcastable to ``[B, H, L, S + L]`` (True = may attend), ``S`` the
                 context length (0 without ``context``); context keys come first.

@@ -43,7 +43,7 @@ from dllm_zoo.backbones.checkpoint import (
     save_state_dict,
     write_json_atomic,
 )
-from dllm_zoo.backbones.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from dllm_zoo.backbones.layers import RMSNorm, RotaryEmbedding, rotate
 from dllm_zoo.tokenizers.layout import TokenLayout
 
 LAYOUT_KEY = "dllm_zoo_layout"
@@ -226,8 +226,9 @@ def attend(
         q: Queries ``[B, L, H, head_dim]`` before RoPE (after any per-head norm), the layout a projection produces.
         k: Keys ``[B, L, H_kv, head_dim]`` before RoPE.
         v: Values ``[B, L, H_kv, head_dim]``.
-        cos: RoPE table, fp32 ``[L, head_dim]`` or ``[B, L, head_dim]``.
-        sin: Same shape as ``cos``.
+        cos: RoPE table from :meth:`~dllm_zoo.backbones.layers.RotaryEmbedding.head_tables`, fp32
+            ``[L, 1, head_dim]`` or ``[B, L, 1, head_dim]``.
+        sin: Its signed sine table, same shape as ``cos``.
         attn_mask: ``None`` or bool mask broadcastable to ``[B, H, L, S + L]`` (True = may attend), ``S`` the
             context length (0 without ``context``); context keys come first.
         context: Cached ``(keys, values)``, each ``[B, H_kv, S, head_dim]`` (keys after RoPE), that the ``L``
@@ -248,8 +249,8 @@ def attend(
             full = attn_mask.expand(b, -1, -1, -1)
             attn_mask = torch.gather(full, 2, queries[:, None, :, None].expand(b, full.shape[1], -1, full.shape[3]))
     # RoPE on the [B, L, H, hd] projection layout, then a free transpose to SDPA's [B, H, L, hd].
-    q = apply_rotary(q, cos_q, sin_q).transpose(1, 2)
-    k = apply_rotary(k, cos, sin).transpose(1, 2)
+    q = rotate(q, cos_q, sin_q).transpose(1, 2)
+    k = rotate(k, cos, sin).transpose(1, 2)
     v = v.transpose(1, 2)
     if kv_out is not None:
         kv_out.append((k, v))
@@ -269,10 +270,10 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
 
 
 def _rows(table: Tensor, index: Tensor) -> Tensor:
-    """A RoPE table ``[L, hd]`` or ``[B, L, hd]`` at positions ``index`` ``[B, K]`` -> ``[B, K, hd]``."""
-    if table.dim() == 2:
+    """A RoPE table ``[L, 1, hd]`` or ``[B, L, 1, hd]`` at positions ``index`` ``[B, K]`` -> ``[B, K, 1, hd]``."""
+    if table.dim() == 3:
         return table[index.long()]
-    return gather_rows(table.expand(index.shape[0], -1, -1), index)
+    return gather_rows(table.expand(index.shape[0], -1, -1, -1), index)
 
 
 def _as_bool(mask: Tensor) -> Tensor:
@@ -463,8 +464,10 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
                 (1 = real token; padding keys are never attended, padding queries get finite but meaningless
                 outputs) or a ``[B, 1, L, L]`` bool mask (True = may attend) used as-is; never turned causal. An
                 all-ones ``[B, L]`` mask equals ``None``. With ``cache``: ``None`` or ``[B, W]`` key padding of the
-                window's own keys (the context's padding is ``cache.key_mask``), or a ``[B, 1, W, W]`` bool pattern
-                among the window's own keys (e.g. a sampler's own block grid) replacing the family's.
+                window's own keys (the context's padding is ``cache.key_mask``), a ``[B, 1, W, W]`` bool pattern
+                among the window's own keys (e.g. a sampler's own block grid) replacing the family's, or the whole
+                ``[B, 1, W, S + W]`` bool mask over context keys (first) and own keys, used as-is (``key_mask``
+                ignored): a sampler that runs several steps against one cache builds it once.
             position_ids: ``[B, L]`` RoPE positions (default ``0..L-1``; left-padded rows may pass
                 ``cumsum(mask) - 1`` so real tokens start at position 0, which also puts them on their batch-1
                 block grid). Required with ``cache``: the window's absolute positions.
@@ -498,7 +501,7 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
         blocks = self.transformer_blocks()
         if cache is None and not return_cache:  # the training path: nothing extra per forward
             mask = self._input_mask(attention_mask, position_ids, b, seq, input_ids.device)
-            cos, sin = self.rotary(seq, input_ids.device, position_ids)
+            cos, sin = self.rotary.head_tables(seq, input_ids.device, position_ids)
             x = self.input_embedding()(input_ids)
             recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
             trim = self._trim(x, logits_at, return_hidden, return_logits)
@@ -512,11 +515,20 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
 
         own_mask: Tensor | None = None  # cache path from here on: [B, L] key padding of the input's own keys
         own_pattern: Tensor | None = None  # or an explicit [B, 1, L, L] pattern among them
+        window_mask: Tensor | None = None  # or the whole [B, 1, L, S + L] mask over context and own keys
         if attention_mask is not None and attention_mask.dim() == 4:
             shape = tuple(attention_mask.shape)
-            if shape[0] not in (1, b) or shape[1] != 1 or shape[2:] != (seq, seq):
-                raise ValueError(f"a 4-D attention_mask must have shape ({b}, 1, {seq}, {seq}), got {shape}")
-            own_pattern = to_sdpa_mask(attention_mask, b, seq)
+            context_len = 0 if cache is None else cache.seq_len
+            widths = {seq, seq + context_len}
+            if shape[0] not in (1, b) or shape[1] != 1 or shape[2] != seq or shape[3] not in widths:
+                whole = f" or (…, {seq + context_len}) over the cache's keys and its own" if cache is not None else ""
+                raise ValueError(
+                    f"a 4-D attention_mask must have shape ({b}, 1, {seq}, {seq}){whole}, got {shape}"
+                )
+            if shape[3] == seq:
+                own_pattern = to_sdpa_mask(attention_mask, b, seq)
+            else:
+                window_mask = to_sdpa_mask(attention_mask, b, seq, shape[3])
         elif attention_mask is not None:
             if tuple(attention_mask.shape) != (b, seq):
                 raise ValueError(
@@ -532,8 +544,11 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
             )
         else:
             self._check_cache(cache, b, position_ids)
-            mask = self._window_mask(cache, own_mask, position_ids, b, seq, own_pattern)
-        cos, sin = self.rotary(seq, input_ids.device, position_ids)
+            if window_mask is not None:
+                mask = window_mask
+            else:
+                mask = self._window_mask(cache, own_mask, position_ids, b, seq, own_pattern)
+        cos, sin = self.rotary.head_tables(seq, input_ids.device, position_ids)
         x = self.input_embedding()(input_ids)
         kv: list[tuple[Tensor, Tensor]] | None = [] if return_cache else None
         trim = self._trim(x, logits_at, return_hidden, return_logits)

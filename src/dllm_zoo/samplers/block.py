@@ -36,7 +36,7 @@ from typing import Literal, cast
 import torch
 from torch import Tensor
 
-from dllm_zoo.backbones.attention import block_causal_mask
+from dllm_zoo.backbones.attention import block_causal_mask, fill_empty_rows
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.backbones.cache import KVCache
 from dllm_zoo.samplers.base import Sampler, SamplerOutput
@@ -213,14 +213,21 @@ class BlockSampler(Sampler):
             ran = ran + alive.long()
             iters = self._iterations(canvas[:, s:e] == mask_id, alive, plan)
             # Per-block constants (one mask and one logits index for all of the block's steps).
+            window_mask: Tensor | None = None  # [B, 1, K, S + K] against this block's context, built once
             if self.use_cache:
                 block_mask = block_causal_mask(positions[:, s:e], blk, keys_real[:, s:e])
                 block_at = torch.arange(blk, device=device).expand(b, blk)
+                block_pos = positions[:, s:e]
             else:
                 block_mask = block_causal_mask(positions[:, :e], blk, keys_real[:, :e])
                 block_at = torch.arange(s, e, device=device).expand(b, blk)
+            # The block's tokens and reveal steps live in contiguous [B, K] tensors updated in place; the canvas
+            # gets them back once the block ends (or when a snapshot is due).
+            block = canvas[:, s:e].clone()
+            block_steps = step_map[:, s:e].clone()
+            alive_col = alive[:, None]
             for i in range(iters):
-                masked = (canvas[:, s:e] == mask_id) & alive[:, None]  # [B, K]
+                masked = (block == mask_id) & alive_col  # [B, K]
                 if adaptive and not bool(masked.any()):  # one sync per step only for data-dependent rules
                     break
                 if self.use_cache:
@@ -228,17 +235,19 @@ class BlockSampler(Sampler):
                     # along with this step's forward: no separate "store" forward as in the reference.
                     c = cached_to
                     if c < s:
+                        canvas[:, s:e] = block
                         logits, new = self._window(
                             model, canvas[:, c:e], positions[:, c:e], keys_real[:, c:e], ctx, blk
                         )
                         ctx = new if ctx is None else KVCache.cat([ctx, new])
                         cached_to = s
                     else:
-                        out = model(
-                            canvas[:, s:e], attention_mask=block_mask, position_ids=positions[:, s:e], cache=ctx
-                        )
+                        if window_mask is None:
+                            window_mask = block_mask if ctx is None else self._context_mask(ctx, block_mask)
+                        out = model(block, attention_mask=window_mask, position_ids=block_pos, cache=ctx)
                         logits = cast(Tensor, out.logits)
                 else:
+                    canvas[:, s:e] = block
                     out = model(
                         canvas[:, :e], attention_mask=block_mask, position_ids=positions[:, :e], logits_at=block_at
                     )
@@ -248,15 +257,17 @@ class BlockSampler(Sampler):
                 conf = self.confidence(scored, x0, generator=generator)
                 quota = plan[i] if i < self.denoising_steps else plan.new_zeros(())  # adaptive rules may run longer
                 reveal = self.transfer.select(conf, masked, quota.expand(b)) & masked
-                row_step = row_step + masked.any(dim=1).long()
-                canvas[:, s:e] = torch.where(reveal, x0, canvas[:, s:e])
-                step_map[:, s:e] = torch.where(reveal, row_step[:, None], step_map[:, s:e])
+                row_step += masked.any(dim=1)
+                torch.where(reveal, x0, block, out=block)
+                torch.where(reveal, row_step[:, None], block_steps, out=block_steps)
                 iteration += 1
                 if iteration in record:
+                    canvas[:, s:e] = block
                     snapshots[iteration] = self._gather(canvas, real, prompt_ids, plen, off, nblk, tail, layout.pad_id)[
                         0
                     ]
-            block = canvas[:, s:e]
+            canvas[:, s:e] = block
+            step_map[:, s:e] = block_steps
             stopped = ((block[:, :, None] == stop_ids).any(dim=2) & generated[:, s:e]).any(dim=1)
             alive = alive & ~stopped
             if j + 1 == n_blocks or not bool((alive & (j + 1 < nblk)).any()):
@@ -289,6 +300,22 @@ class BlockSampler(Sampler):
         # Static: steps until the cumulative quota covers the row's masks (the plan sums to B >= masks).
         steps = (plan.cumsum(0)[None, :] < need[:, None]).sum(dim=1) + (need > 0).long()
         return int(steps.max())
+
+    @staticmethod
+    def _context_mask(ctx: KVCache, own: Tensor) -> Tensor:
+        """The active block's whole attention mask: every real cached key, then ``own`` among the block's keys.
+
+        Args:
+            ctx: The cache the block's steps attend to (unchanged over them, so this runs once per block).
+            own: ``[B, 1, K, K]`` bool pattern among the block's own keys.
+
+        Returns:
+            ``[B, 1, K, S + K]`` bool, context keys first (what the backbone would build on every step).
+        """
+        b, k, s = ctx.batch_size, own.shape[-1], ctx.seq_len
+        keys = ctx.key_mask if ctx.key_mask is not None else own.new_ones(b, s)
+        both = torch.cat((keys[:, None, None, :].expand(b, 1, k, s), own.expand(b, 1, k, k)), dim=-1)
+        return fill_empty_rows(both)
 
     @staticmethod
     def _window(

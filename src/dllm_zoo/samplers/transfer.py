@@ -28,7 +28,7 @@ def _candidate_scores(confidence: Tensor, candidates: Tensor) -> Tensor:
     """``[B, K]`` scores where non-candidates (-inf) order after every candidate, even a -inf or NaN one."""
     lowest = torch.finfo(confidence.dtype).min
     finite = torch.nan_to_num(confidence, nan=lowest, neginf=lowest)
-    return torch.where(candidates, finite, torch.full_like(confidence, -torch.inf))
+    return finite.masked_fill(~candidates, -torch.inf)
 
 
 def confidence_ranks(confidence: Tensor, candidates: Tensor) -> Tensor:
@@ -61,7 +61,11 @@ def top_k_mask(confidence: Tensor, candidates: Tensor, k: Tensor) -> Tensor:
     Returns:
         ``[B, K]`` bool.
     """
-    return (confidence_ranks(confidence, candidates) < k.unsqueeze(-1)) & candidates
+    # Mark the first k[b] places of the stable descending order, then scatter the marks back to their positions
+    # (the ranks themselves are not needed). Non-candidates sort last, so "& candidates" handles short rows.
+    order = torch.sort(_candidate_scores(confidence, candidates), dim=-1, descending=True, stable=True).indices
+    first_k = torch.arange(order.shape[-1], device=order.device) < k.unsqueeze(-1)
+    return torch.zeros_like(candidates).scatter_(-1, order, first_k) & candidates
 
 
 def top1_mask(confidence: Tensor, candidates: Tensor) -> Tensor:
