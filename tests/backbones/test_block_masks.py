@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from dllm_zoo.backbones.attention import (
     block_causal_mask,
     block_diffusion_mask,
+    context_window_mask,
     sdar_training_mask,
     trajectory_input_ids,
     trajectory_mask,
@@ -304,3 +305,20 @@ def test_sdpa_over_padded_block_masks_is_finite() -> None:
         q, k, v = (torch.randn(3, 2, n, 8) for _ in range(3))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         assert torch.isfinite(out).all()
+
+
+def test_context_window_mask_is_real_context_keys_then_the_own_pattern():
+    keys = torch.tensor([[True, False, True], [False, False, False]])
+    own = torch.tensor([[[[True, False], [True, True]]], [[[False, False], [True, False]]]])
+    mask = context_window_mask(keys, own, batch=2, context_len=3)
+    brute = torch.zeros(2, 1, 2, 5, dtype=torch.bool)
+    for r in range(2):
+        for qi in range(2):
+            for kj in range(5):
+                brute[r, 0, qi, kj] = bool(keys[r, kj]) if kj < 3 else bool(own[r, 0, qi, kj - 3])
+            if not brute[r, 0, qi].any():  # a query with no key attends everywhere (no NaN row)
+                brute[r, 0, qi] = True
+    assert torch.equal(mask, brute)
+    assert mask[1, 0, 0].all()  # row 1, query 0: no real context key, no own key
+    # No key mask = every cached key real; a [1, 1, Q, W] pattern broadcasts over the batch.
+    assert torch.equal(context_window_mask(None, own[:1], 2, 3)[:, 0, 0], torch.tensor([[1, 1, 1, 1, 0]] * 2).bool())

@@ -27,6 +27,24 @@ def fill_empty_rows(mask: Tensor) -> Tensor:
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
+def context_window_mask(context_keys: Tensor | None, own: Tensor, batch: int, context_len: int) -> Tensor:
+    """Mask of a window forward against a key/value cache: every real context key, then ``own`` among its keys.
+
+    Args:
+        context_keys: ``[B, S]`` bool, the cached keys that are real (``KVCache.key_mask``); ``None`` = all real.
+        own: ``[B or 1, 1, Q, W]`` bool pattern among the window's own keys (``Q`` = 1 for pure key padding).
+        batch: ``B``.
+        context_len: ``S``.
+
+    Returns:
+        ``[B, 1, Q, S + W]`` bool (context keys first) with no all-False query rows.
+    """
+    q, w = own.shape[-2], own.shape[-1]
+    keys = own.new_ones(batch, context_len) if context_keys is None else context_keys.to(own.device)
+    both = torch.cat((keys[:, None, None, :].expand(batch, 1, q, context_len), own.expand(batch, 1, q, w)), dim=-1)
+    return fill_empty_rows(both)
+
+
 def key_padding_to_sdpa(attention_mask: Tensor, *, skip_if_full: bool = True) -> Tensor | None:
     """Turn a ``[B, L]`` key-padding mask (1 = real token) into an SDPA bool mask.
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dllm_zoo.backbones.attention import fill_empty_rows, to_sdpa_mask
+from dllm_zoo.backbones.attention import context_window_mask, fill_empty_rows, to_sdpa_mask
 from dllm_zoo.backbones.base import Backbone, BackboneOutput
 from dllm_zoo.backbones.cache import KVCache
 from dllm_zoo.backbones.checkpoint import (
@@ -628,21 +628,14 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
         """
         device = cache.keys[0].device
         allowed = pattern if pattern is not None else self._self_mask(own, position_ids, batch, width, device)
-        ctx = cache.key_mask
-        if ctx is None and allowed is None:
+        if cache.key_mask is None and allowed is None:
             return None
-        q = 1 if allowed is None else int(allowed.shape[2])
-        if ctx is None:
-            ctx = torch.ones(batch, cache.seq_len, dtype=torch.bool, device=device)
-        ctx_part = ctx.to(device)[:, None, None, :].expand(batch, 1, q, cache.seq_len)
         if allowed is None:
-            own_part = torch.ones(batch, 1, q, width, dtype=torch.bool, device=device)
-        else:
-            own_part = allowed.to(device).expand(batch, 1, q, width)
-        mask = torch.cat((ctx_part, own_part), dim=-1)
-        if q == 1 and bool(mask.all()):  # pure key padding with nothing padded: unmasked kernel
+            allowed = torch.ones(1, 1, 1, width, dtype=torch.bool, device=device)
+        mask = context_window_mask(cache.key_mask, allowed.to(device), batch, cache.seq_len)
+        if mask.shape[2] == 1 and bool(mask.all()):  # pure key padding with nothing padded: unmasked kernel
             return None
-        return fill_empty_rows(mask)
+        return mask
 
     def _check_cache(self, cache: Any, batch: int, position_ids: Tensor | None) -> None:
         """Refuse a cache that is no fitting :class:`KVCache`, or a window without ``position_ids``."""

@@ -36,7 +36,7 @@ from typing import Literal, cast
 import torch
 from torch import Tensor
 
-from dllm_zoo.backbones.attention import block_causal_mask, fill_empty_rows
+from dllm_zoo.backbones.attention import block_causal_mask, context_window_mask
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.backbones.cache import KVCache
 from dllm_zoo.samplers.base import Sampler, SamplerOutput
@@ -216,7 +216,6 @@ class BlockSampler(Sampler):
             window_mask: Tensor | None = None  # [B, 1, K, S + K] against this block's context, built once
             if self.use_cache:
                 block_mask = block_causal_mask(positions[:, s:e], blk, keys_real[:, s:e])
-                block_at = torch.arange(blk, device=device).expand(b, blk)
                 block_pos = positions[:, s:e]
             else:
                 block_mask = block_causal_mask(positions[:, :e], blk, keys_real[:, :e])
@@ -234,8 +233,7 @@ class BlockSampler(Sampler):
                     # The clean columns not cached yet (the prompt's full blocks, the block just finished) ride
                     # along with this step's forward: no separate "store" forward as in the reference.
                     c = cached_to
-                    if c < s:
-                        canvas[:, s:e] = block
+                    if c < s:  # only at a block's first step, when the canvas still holds `block`
                         logits, new = self._window(
                             model, canvas[:, c:e], positions[:, c:e], keys_real[:, c:e], ctx, blk
                         )
@@ -243,7 +241,11 @@ class BlockSampler(Sampler):
                         cached_to = s
                     else:
                         if window_mask is None:
-                            window_mask = block_mask if ctx is None else self._context_mask(ctx, block_mask)
+                            window_mask = (
+                                block_mask
+                                if ctx is None
+                                else context_window_mask(ctx.key_mask, block_mask, b, ctx.seq_len)
+                            )
                         out = model(block, attention_mask=window_mask, position_ids=block_pos, cache=ctx)
                         logits = cast(Tensor, out.logits)
                 else:
@@ -300,22 +302,6 @@ class BlockSampler(Sampler):
         # Static: steps until the cumulative quota covers the row's masks (the plan sums to B >= masks).
         steps = (plan.cumsum(0)[None, :] < need[:, None]).sum(dim=1) + (need > 0).long()
         return int(steps.max())
-
-    @staticmethod
-    def _context_mask(ctx: KVCache, own: Tensor) -> Tensor:
-        """The active block's whole attention mask: every real cached key, then ``own`` among the block's keys.
-
-        Args:
-            ctx: The cache the block's steps attend to (unchanged over them, so this runs once per block).
-            own: ``[B, 1, K, K]`` bool pattern among the block's own keys.
-
-        Returns:
-            ``[B, 1, K, S + K]`` bool, context keys first (what the backbone would build on every step).
-        """
-        b, k, s = ctx.batch_size, own.shape[-1], ctx.seq_len
-        keys = ctx.key_mask if ctx.key_mask is not None else own.new_ones(b, s)
-        both = torch.cat((keys[:, None, None, :].expand(b, 1, k, s), own.expand(b, 1, k, k)), dim=-1)
-        return fill_empty_rows(both)
 
     @staticmethod
     def _window(

@@ -31,6 +31,11 @@ def _candidate_scores(confidence: Tensor, candidates: Tensor) -> Tensor:
     return finite.masked_fill(~candidates, -torch.inf)
 
 
+def _descending_order(confidence: Tensor, candidates: Tensor) -> Tensor:
+    """``[B, K]`` positions by descending confidence, candidates first, ties by position (a stable sort)."""
+    return torch.sort(_candidate_scores(confidence, candidates), dim=-1, descending=True, stable=True).indices
+
+
 def confidence_ranks(confidence: Tensor, candidates: Tensor) -> Tensor:
     """Rank of each position by descending confidence among the candidates of its row.
 
@@ -43,8 +48,7 @@ def confidence_ranks(confidence: Tensor, candidates: Tensor) -> Tensor:
     Returns:
         ``[B, K]`` int64 ranks, 0 = most confident candidate.
     """
-    scores = _candidate_scores(confidence, candidates)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    order = _descending_order(confidence, candidates)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return ranks
@@ -63,7 +67,7 @@ def top_k_mask(confidence: Tensor, candidates: Tensor, k: Tensor) -> Tensor:
     """
     # Mark the first k[b] places of the stable descending order, then scatter the marks back to their positions
     # (the ranks themselves are not needed). Non-candidates sort last, so "& candidates" handles short rows.
-    order = torch.sort(_candidate_scores(confidence, candidates), dim=-1, descending=True, stable=True).indices
+    order = _descending_order(confidence, candidates)
     first_k = torch.arange(order.shape[-1], device=order.device) < k.unsqueeze(-1)
     return torch.zeros_like(candidates).scatter_(-1, order, first_k) & candidates
 
