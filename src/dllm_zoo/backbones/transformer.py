@@ -522,9 +522,7 @@ class TransformerBackbone(Backbone, Generic[ConfigT]):
             widths = {seq, seq + context_len}
             if shape[0] not in (1, b) or shape[1] != 1 or shape[2] != seq or shape[3] not in widths:
                 whole = f" or (…, {seq + context_len}) over the cache's keys and its own" if cache is not None else ""
-                raise ValueError(
-                    f"a 4-D attention_mask must have shape ({b}, 1, {seq}, {seq}){whole}, got {shape}"
-                )
+                raise ValueError(f"a 4-D attention_mask must have shape ({b}, 1, {seq}, {seq}){whole}, got {shape}")
             if shape[3] == seq:
                 own_pattern = to_sdpa_mask(attention_mask, b, seq)
             else:
