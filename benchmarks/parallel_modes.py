@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 import yaml
+from jsonargparse import ArgumentParser
 
 from dllm_zoo.backbones import LLaDABackbone
 from dllm_zoo.backbones.base import Backbone
 from dllm_zoo.data import ParallelDataModule
-from dllm_zoo.data.synthetic import ShapesWorld
 from dllm_zoo.parabench import AXES, parabench
 from dllm_zoo.samplers import ParallelSampler
 from dllm_zoo.samplers.parallel import PARALLEL_MODES
@@ -49,16 +49,10 @@ def load_model(path: Path) -> LLaDABackbone:
 def default_parts() -> tuple[ParallelDataModule, dict[str, Any]]:
     """The default config's data module (set up) and its ParaBench sampler arguments."""
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    data = config["data"]["init_args"]
-    task = data["task"]["init_args"]
-    dm = ParallelDataModule(
-        task=ShapesWorld(**task),
-        tasks=data["tasks"],
-        text_len=data["text_len"],
-        image_size=data["image_size"],
-        fields=data["fields"],
-        batch_size=data["batch_size"],
-    )
+    # jsonargparse builds the data module as the recipe does (nested class_path specs: task, image tokenizer)
+    parser = ArgumentParser()
+    parser.add_argument("--data", type=ParallelDataModule)
+    dm = parser.instantiate(parser.parse_object({"data": config["data"]})).data
     dm.setup("fit")
     (bench,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ParaBenchEvaluation")]
     return dm, dict(bench["init_args"]["sampler"]["init_args"])

@@ -19,6 +19,8 @@ The first ``limit`` val samples give the prompts of each task (the same images f
                           exactly the target objects (target ``"output_image"`` for edit, ``"image"`` for generate)
 ``image_quality``         the image reads cleanly (every non-empty slot is one known shape in one colour) and
                           holds at least one object — ParaBench's "Image Quality" as a well-formedness check
+                          (under :class:`~dllm_zoo.tokenizers.ShapeSlotTokenizer`, one code per slot, every image
+                          reads cleanly, so this only asks for a non-empty image)
 ``image_alignment``       ``check_image(image, sample, target)``: the image holds exactly the target objects
 ``image_consistency``     edit only: the share of the input objects the edit does not touch that appear unchanged
                           (same colour, shape and slot) in the image; see :func:`image_consistency`

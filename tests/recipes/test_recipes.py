@@ -231,7 +231,7 @@ model:
       init_args: {{config: null, pretrained: {str(tmp_path / "sft")!r}}}
     sampler:
       class_path: dllm_zoo.samplers.ParallelSampler
-      init_args: {{text_len: 104, num_image_tokens: 81, codebook_size: 16, steps: 4, image_guidance_scale: 1.5}}
+      init_args: {{text_len: 104, num_image_tokens: 81, codebook_size: 16, steps: 8, image_guidance_scale: 1.5}}
     num_generations: 2
     stats_samples: 4
 """
