@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def main() -> None:
     dm, sampler_args = default_parts()
     report: dict[str, Any] = {
         "what": "joint decoding modes of one MMaDA-Parallel model, same total steps (ParaBench on held-out prompts)",
-        "command": "python benchmarks/parallel_modes.py " + " ".join(str(a) for a in [args.model]),
+        "command": " ".join(["python", "benchmarks/parallel_modes.py", *sys.argv[1:]]),  # every flag: seeds, limit
         "model": str(args.model),
         "sampler": sampler_args,
         "limit": args.limit,
