@@ -5,9 +5,9 @@
 
 The model (a backbone directory written by ``save_pretrained`` / ``dllm-zoo convert-checkpoint``, or a Lightning
 checkpoint of the MMaDA-Parallel default) answers the held-out ParaBench prompts of the recipe's embedded default
-(``recipes/configs/mmada_parallel/default.yaml``: one-shape ShapesWorld, brief reasoning, T = 104) with the default's
-``ParallelSampler`` settings in every mode, same total steps; each ``--seeds`` value is one full pass with its own
-sampler draws, so the spread over seeds is the decoding noise. Results go to
+(``recipes/configs/mmada_parallel/default.yaml``: one-shape ShapesWorld, brief reasoning, WordTokenizer, T = 24)
+with the default's ``ParallelSampler`` settings in every mode, same total steps; each ``--seeds`` value is one full
+pass with its own sampler draws, so the spread over seeds is the decoding noise. Results go to
 ``benchmarks/results/parallel_modes.json``.
 """
 
@@ -38,11 +38,15 @@ DEFAULT_CONFIG = ROOT / "recipes" / "configs" / "mmada_parallel" / "default.yaml
 
 
 def load_model(path: Path) -> LLaDABackbone:
-    """A backbone directory, or the ``backbone.`` weights of a stage checkpoint (``*.ckpt``) on the ``mini`` preset."""
+    """A backbone directory, or the ``backbone.`` weights of a stage checkpoint (``*.ckpt``) of the default.
+
+    A checkpoint's weights go into the default config's backbone (its ``mini`` preset and token layout).
+    """
     if path.suffix != ".ckpt":
         return LLaDABackbone.from_pretrained(path)
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    model = LLaDABackbone("mini")
+    backbone_args = yaml.safe_load(DEFAULT_CONFIG.read_text())["model"]["init_args"]["backbone"]["init_args"]
+    model = LLaDABackbone(**backbone_args)
     model.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
     return model
 

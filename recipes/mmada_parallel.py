@@ -12,7 +12,8 @@ checker, and writes it to the run directory as ``parabench.json`` / ``parabench.
 
 Like the paper (MMaDA-Parallel starts from MMaDA), ``--warm_start auto`` (the default) starts from MMaDA
 pretraining: ``recipes/mmada.py`` with its embedded default (``configs/mmada/default.yaml``: the same tiny model on
-ShapesWorld text-to-image, image understanding and Arithmetic), trained once and cached as a backbone directory
+ShapesWorld text-to-image, image understanding and Arithmetic) and ``configs/mmada/words.yaml`` on top (the
+closed-vocabulary ``WordTokenizer`` the parallel SFT reads and writes), trained once and cached as a backbone directory
 under ``$DLLM_ZOO_CACHE/warm_start/`` (keyed by the hash of that config). A backbone that names its own
 ``pretrained`` directory (the ParaRL config) keeps it.
 """
@@ -28,7 +29,7 @@ from dllm_zoo.stages import DiffusionStage, MMaDAPretraining
 CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "mmada_parallel" / "default.yaml"
 PRETRAINING = SFTRecipe(MMaDAPretraining, MultiTaskDataModule, CONFIGS / "mmada" / "default.yaml")
-WARM_START_PHASES: tuple[tuple[str, tuple[Path, ...]], ...] = (("pretrain", ()),)
+WARM_START_PHASES: tuple[tuple[str, tuple[Path, ...]], ...] = (("pretrain", (CONFIGS / "mmada" / "words.yaml",)),)
 WARM_START = WarmStart("mmada-parallel-shapes", PRETRAINING, WARM_START_PHASES)
 
 

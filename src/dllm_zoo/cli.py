@@ -21,11 +21,14 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
     cls = registry.resolve("backbone", args.backbone)
     if args.pretrained is not None and args.preset is not None:
         raise SystemExit("convert-checkpoint: pass --preset or --pretrained, not both")
+    if args.layout is not None and args.pretrained is not None:
+        raise SystemExit("convert-checkpoint: --layout goes with --preset (a --pretrained directory has its layout)")
     if args.pretrained is not None:
         backbone = cls(pretrained=args.pretrained)
     else:  # the checkpoint replaces every weight: allocate, never initialise (an 8B init costs minutes)
+        layout = {} if args.layout is None else {"layout": args.layout}
         with torch.device("meta"):
-            backbone = cls(config=args.preset)
+            backbone = cls(config=args.preset, **layout)
         backbone.to_empty(device="cpu")
     out = convert_checkpoint(args.checkpoint, args.out, backbone)
     print(f"wrote {out} ({type(backbone).__name__}, original layout)")
@@ -51,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_conv.add_argument("out", help="output directory")
     p_conv.add_argument("--backbone", required=True, help="backbone class (e.g. LLaDABackbone, SDARBackbone)")
     p_conv.add_argument("--preset", default=None, help="size preset the run trained (e.g. tiny, llada-8b)")
+    p_conv.add_argument(
+        "--layout", default=None, help="with --preset: the token layout the run trained (words; default: the preset's)"
+    )
     p_conv.add_argument("--pretrained", default=None, help="or: the checkpoint directory the run started from")
     from dllm_zoo import memory
 

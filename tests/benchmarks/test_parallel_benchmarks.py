@@ -22,7 +22,7 @@ def _script(name: str) -> dict:  # type: ignore[type-arg]
 def test_parallel_modes_loads_a_directory_or_a_stage_checkpoint(tmp_path: Path) -> None:
     load_model = _script("parallel_modes")["load_model"]
     torch.manual_seed(0)
-    model = LLaDABackbone("mini")
+    model = LLaDABackbone("mini", layout="words")  # the default config's backbone
     model.save_pretrained(tmp_path / "backbone")
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "last.ckpt")
     for path in (tmp_path / "backbone", tmp_path / "last.ckpt"):
@@ -32,7 +32,7 @@ def test_parallel_modes_loads_a_directory_or_a_stage_checkpoint(tmp_path: Path) 
 
 def test_parallel_modes_reports_every_axis_per_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    LLaDABackbone("tiny").save_pretrained(tmp_path / "backbone")
+    LLaDABackbone("tiny", layout="words").save_pretrained(tmp_path / "backbone")
     out = tmp_path / "modes.json"
     argv = ["parallel_modes.py", str(tmp_path / "backbone"), "--modes", "parallel", "sequential"]
     monkeypatch.setattr(sys, "argv", [*argv, "--seeds", "0", "1", "--limit", "2", "--out", str(out)])
@@ -49,7 +49,7 @@ def test_parallel_modes_reports_every_axis_per_mode(tmp_path: Path, monkeypatch:
 @pytest.mark.slow
 def test_pararl_ablation_runs_both_levels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    LLaDABackbone("tiny").save_pretrained(tmp_path / "backbone")
+    LLaDABackbone("tiny", layout="words").save_pretrained(tmp_path / "backbone")
     out = tmp_path / "ablation.json"
     argv = ["pararl_ablation.py", str(tmp_path / "backbone"), "--steps", "1", "--seeds", "0", "--limit", "1"]
     monkeypatch.setattr(sys, "argv", [*argv, "--eval_seeds", "0", "--out", str(out)])

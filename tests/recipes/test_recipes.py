@@ -172,7 +172,7 @@ trainer:
       init_args:
         sampler:
           class_path: dllm_zoo.samplers.ParallelSampler
-          init_args: {text_len: 104, num_image_tokens: 81, codebook_size: 16, steps: 2}
+          init_args: {text_len: 24, num_image_tokens: 81, codebook_size: 16, steps: 2}
         limit: 2
         batch_size: 4
         every_n_val: 0
@@ -210,7 +210,7 @@ trainer:
 def test_mmada_parallel_pararl_config_runs_from_an_exported_backbone(tmp_path: Path) -> None:
     from dllm_zoo.backbones import LLaDABackbone
 
-    LLaDABackbone("tiny").save_pretrained(tmp_path / "sft")
+    LLaDABackbone("tiny", layout="words").save_pretrained(tmp_path / "sft")  # the default's WordTokenizer layout
     small = tmp_path / "small.yaml"
     small.write_text(
         f"""
@@ -220,7 +220,7 @@ trainer:
       init_args:
         sampler:
           class_path: dllm_zoo.samplers.ParallelSampler
-          init_args: {{text_len: 104, num_image_tokens: 81, codebook_size: 16, steps: 2}}
+          init_args: {{text_len: 24, num_image_tokens: 81, codebook_size: 16, steps: 2}}
         limit: 2
         batch_size: 4
         every_n_val: 0
@@ -231,7 +231,7 @@ model:
       init_args: {{config: null, pretrained: {str(tmp_path / "sft")!r}}}
     sampler:
       class_path: dllm_zoo.samplers.ParallelSampler
-      init_args: {{text_len: 104, num_image_tokens: 81, codebook_size: 16, steps: 8, image_guidance_scale: 1.5}}
+      init_args: {{text_len: 24, num_image_tokens: 81, codebook_size: 16, steps: 8, image_guidance_scale: 1.5}}
     num_generations: 2
     stats_samples: 4
 """
@@ -285,5 +285,5 @@ model:
     )
     out = recipe["WARM_START"].ensure(tmp_path / "cache", extra_configs=(tiny,))
     assert out.name.startswith("mmada-parallel-shapes-pretrain-")
-    assert LLaDABackbone(pretrained=str(out)).config == LLaDABackbone("tiny").config
+    assert LLaDABackbone(pretrained=str(out)).config == LLaDABackbone("tiny", layout="words").config
     assert json.loads((out / "warm_start.json").read_text())["steps"] == 2

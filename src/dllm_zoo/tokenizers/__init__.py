@@ -1,7 +1,8 @@
 """Token layouts, text tokenizers and image tokenizers.
 
 * :class:`TokenLayout`: where text, special and image-code ids live in the model's vocabulary.
-* Text: :class:`TextTokenizer` (contract), :class:`ByteTokenizer` (embedded), :class:`HFTextTokenizer`.
+* Text: :class:`TextTokenizer` (contract), :class:`ByteTokenizer` (embedded), :class:`WordTokenizer` (a closed word
+  vocabulary over bytes, layout ``words``), :class:`HFTextTokenizer`.
 * Images (``[B, 3, H, W]`` in ``[0, 1]`` <-> ``[B, h, w]`` codes): :class:`ImageTokenizer` (contract),
   :class:`PaletteTokenizer` (lossless, embedded; palette :data:`DEFAULT_PALETTE`) and :class:`MagvitV2Tokenizer`
   (Show-o / MMaDA's MAGVIT-v2, loads ``showlab/magvitv2``); :class:`PatchCodebookTokenizer` (a fixed codebook of
@@ -13,6 +14,7 @@ from dllm_zoo.tokenizers.layout import TokenLayout
 from dllm_zoo.tokenizers.magvit import MagvitV2Tokenizer
 from dllm_zoo.tokenizers.patch import PatchCodebookTokenizer, ShapeSlotTokenizer
 from dllm_zoo.tokenizers.text import ByteTokenizer, ChatMessage, HFTextTokenizer, TextTokenizer
+from dllm_zoo.tokenizers.words import WordTokenizer
 
 __all__ = [
     "DEFAULT_PALETTE",
@@ -26,4 +28,5 @@ __all__ = [
     "ShapeSlotTokenizer",
     "TextTokenizer",
     "TokenLayout",
+    "WordTokenizer",
 ]

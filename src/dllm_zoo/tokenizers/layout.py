@@ -140,7 +140,11 @@ class TokenLayout:
 
     @staticmethod
     def preset(name: str) -> TokenLayout:
-        """One of the named layouts: ``default`` (byte-level, embedded), ``llada``, ``mmada``, ``sdar``."""
+        """One of the named layouts: ``default``, ``words``, ``llada``, ``mmada``, ``sdar``.
+
+        ``default`` is byte-level and embedded; ``words`` is ``default`` with 240 more text ids for
+        :class:`~dllm_zoo.tokenizers.WordTokenizer`.
+        """
         if name not in _PRESETS:
             raise ValueError(f"unknown token layout {name!r}; choose one of {sorted(_PRESETS)}")
         return _PRESETS[name]()
@@ -252,4 +256,20 @@ def _sdar() -> TokenLayout:
     )
 
 
-_PRESETS = {"default": _default, "llada": _llada, "mmada": _mmada, "sdar": _sdar}
+WORDS_TEXT_VOCAB = 512  # the default's 272 ids, then 240 more for whole words
+
+
+def _words() -> TokenLayout:
+    # The default layout with a larger text segment: ids 270-511 are free for a closed word vocabulary
+    # (dllm_zoo.tokenizers.WordTokenizer), so a caption is a few tokens instead of ~30 bytes.
+    base = _default()
+    return dataclasses.replace(
+        base,
+        name="words",
+        text_vocab_size=WORDS_TEXT_VOCAB,
+        vocab_size=WORDS_TEXT_VOCAB + DEFAULT_IMAGE_CODEBOOK,
+        image_offset=WORDS_TEXT_VOCAB,
+    )
+
+
+_PRESETS = {"default": _default, "words": _words, "llada": _llada, "mmada": _mmada, "sdar": _sdar}

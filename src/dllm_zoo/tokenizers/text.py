@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TypedDict
 
@@ -108,10 +108,19 @@ class ByteTokenizer(TextTokenizer):
                 continue
             tid = self._special_to_id.get(piece)
             if tid is None:
-                ids.extend(piece.encode("utf-8"))
+                ids.extend(self._encode_plain(piece))
             else:
                 ids.append(tid)
         return ids
+
+    def _encode_plain(self, text: str) -> Iterable[int]:
+        """Ids of text without special tokens: its UTF-8 bytes (subclasses add whole-word ids)."""
+        return text.encode("utf-8")
+
+    def _id_text(self, i: int, skip_special_tokens: bool) -> str | None:
+        """Text of a non-byte id, or ``None`` to drop it (image codes, skipped specials)."""
+        special = self._id_to_special.get(i)
+        return None if special is None or skip_special_tokens else special
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """See :meth:`TextTokenizer.decode`. Invalid UTF-8 becomes U+FFFD; image codes are dropped."""
@@ -125,9 +134,9 @@ class ByteTokenizer(TextTokenizer):
             if buf:
                 out.append(buf.decode("utf-8", errors="replace"))
                 buf.clear()
-            special = self._id_to_special.get(i)
-            if special is not None and not skip_special_tokens:
-                out.append(special)
+            text = self._id_text(i, skip_special_tokens)
+            if text is not None:
+                out.append(text)
         if buf:
             out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)

@@ -62,6 +62,14 @@ class SyntheticTask(ABC):
     def num_samples(self, split: Split) -> int:
         """Number of samples :meth:`generate` yields for ``split``."""
 
+    @property
+    def vocabulary(self) -> tuple[str, ...]:
+        """The words this task's text is made of, for a closed-vocabulary tokenizer (``WordTokenizer``).
+
+        Empty by default (the task's text stays bytes). It need not be complete: words outside it are bytes.
+        """
+        return ()
+
     def fingerprint(self) -> str:
         """A 12-hex-digit hash of the class, its version, its settings and the shard count."""
         payload = {

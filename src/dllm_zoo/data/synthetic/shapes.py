@@ -71,6 +71,15 @@ _PATTERNS: dict[str, Callable[[int, int, int], bool]] = {
 SHAPE_NAMES: tuple[str, ...] = tuple(_PATTERNS)
 """Every known shape (the ``shapes`` knob picks from these); pairwise distinct for every ``cell_size >= 3``."""
 
+_TEMPLATE_WORDS: tuple[str, ...] = (
+    *("<think>", "</think>", "Draw", "How", "Result", "What", "Where", "a", "above", "add", "an", "and", "are"),
+    *("at", "below", "bottom", "center", "color", "column", "corner", "count", "directly", "down", "empties"),
+    *("empty", "gives", "goes", "in", "into", "is", "it", "left", "make", "making", "many", "mirroring", "move"),
+    *("moving", "nothing", "of", "opposite", "puts", "recolor", "remove", "removing", "reshape", "right", "row"),
+    *("shape", "shapes", "the", "there", "to", "top", "turn", "turning", "up", "where"),
+)
+"""Every word of the text templates besides colour and shape names (a test checks the generator uses no others)."""
+
 _NAMED_SLOTS = (
     ("top left", "top", "top right"),
     ("left", "center", "right"),
@@ -616,6 +625,11 @@ class ShapesWorld(SyntheticTask):
             "num_val": self.num_val,
             "seed": self.seed,
         }
+
+    @property
+    def vocabulary(self) -> tuple[str, ...]:
+        """Every word ShapesWorld text uses, for any settings: template words, colour and shape names."""
+        return (*_TEMPLATE_WORDS, *COLOR_NAMES[1:], *SHAPE_NAMES)
 
     def num_samples(self, split: Split) -> int:
         """See :meth:`SyntheticTask.num_samples`."""
