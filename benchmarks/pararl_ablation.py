@@ -48,8 +48,8 @@ def heldout(model: Backbone, dm: ParallelDataModule, sampler: ParallelSampler, l
     return out
 
 
-def run(model_dir: Path, level: str, seed: int, steps: int, logs: Path) -> DiffusionStage:
-    """One ParaRL recipe run; returns the trained stage."""
+def run(model_dir: Path, level: str, seed: int, steps: int, logs: Path, lr: float | None = None) -> DiffusionStage:
+    """One ParaRL recipe run (``lr``: the policy's learning rate, ``None`` = the config's); returns the stage."""
     args = [
         "fit",
         f"--config={PARARL_CONFIG}",
@@ -67,6 +67,8 @@ def run(model_dir: Path, level: str, seed: int, steps: int, logs: Path) -> Diffu
         f"--trainer.logger.init_args.save_dir={logs}",
         f"--trainer.logger.init_args.name={level}_seed{seed}",
     ]
+    if lr is not None:
+        args.append(f"--model.init_args.optim.lr={lr}")
     cli = run_recipe(DiffusionStage, ParallelDataModule, DEFAULT_CONFIG, args, cli_class=MMaDAParallelCLI)
     return cli.model
 
@@ -79,9 +81,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="RL steps per run")
     parser.add_argument("--limit", type=int, default=64, help="held-out prompts per task")
     parser.add_argument("--eval_seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--lr", type=float, default=None, help="policy learning rate (default: pararl.yaml's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "pararl_ablation.json")
     args = parser.parse_args()
-    budget = {"model": str(args.model), "steps": args.steps, "limit": args.limit, "eval_seeds": args.eval_seeds}
+    budget = {
+        "model": str(args.model),
+        "steps": args.steps,
+        "limit": args.limit,
+        "eval_seeds": args.eval_seeds,
+        "lr": args.lr,
+    }
     report: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if report.get("budget") != budget:
         report = {}  # another model or budget: start over
@@ -99,7 +108,7 @@ def main() -> None:
             if str(seed) in runs.get(level, {}):
                 continue
             start = time.perf_counter()
-            stage = run(args.model, level, seed, args.steps, logs)
+            stage = run(args.model, level, seed, args.steps, logs, args.lr)
             sampler = stage.sampler
             assert isinstance(sampler, ParallelSampler)
             if "before" not in report:

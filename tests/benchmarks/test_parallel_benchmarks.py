@@ -52,10 +52,11 @@ def test_pararl_ablation_runs_both_levels(tmp_path: Path, monkeypatch: pytest.Mo
     LLaDABackbone("tiny", layout="words").save_pretrained(tmp_path / "backbone")
     out = tmp_path / "ablation.json"
     argv = ["pararl_ablation.py", str(tmp_path / "backbone"), "--steps", "1", "--seeds", "0", "--limit", "1"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--eval_seeds", "0", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", [*argv, "--eval_seeds", "0", "--lr", "1e-4", "--out", str(out)])
     monkeypatch.chdir(tmp_path)
     _script("pararl_ablation")["main"]()
     report = json.loads(out.read_text())
+    assert report["budget"]["lr"] == 1e-4
     assert sorted(report["runs"]) == ["output", "step"]
     assert report["summary"]["step"]["seeds"] == 1
     assert "output_alignment" in report["before"]
