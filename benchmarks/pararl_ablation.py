@@ -48,8 +48,17 @@ def heldout(model: Backbone, dm: ParallelDataModule, sampler: ParallelSampler, l
     return out
 
 
-def run(model_dir: Path, level: str, seed: int, steps: int, logs: Path, lr: float | None = None) -> DiffusionStage:
-    """One ParaRL recipe run (``lr``: the policy's learning rate, ``None`` = the config's); returns the stage."""
+def run(
+    model_dir: Path,
+    level: str,
+    seed: int,
+    steps: int,
+    logs: Path,
+    lr: float | None = None,
+    metric: str | None = None,
+) -> DiffusionStage:
+    """One ParaRL recipe run (``lr``, ``metric``: the learning rate and PartialAlignment metric, ``None`` = the
+    config's); returns the stage."""
     args = [
         "fit",
         f"--config={PARARL_CONFIG}",
@@ -59,6 +68,7 @@ def run(model_dir: Path, level: str, seed: int, steps: int, logs: Path, lr: floa
         f"--model.init_args.seed={seed}",
         f"--trainer.max_steps={steps}",
         "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=1",  # the reward curves (train/output_alignment) in the run logs
         "--trainer.enable_checkpointing=false",
         "--trainer.limit_val_batches=0",
         "--trainer.callbacks=null",
@@ -69,6 +79,8 @@ def run(model_dir: Path, level: str, seed: int, steps: int, logs: Path, lr: floa
     ]
     if lr is not None:
         args.append(f"--model.init_args.optim.lr={lr}")
+    if metric is not None:
+        args.append(f"--model.init_args.reward.init_args.metric={metric}")
     cli = run_recipe(DiffusionStage, ParallelDataModule, DEFAULT_CONFIG, args, cli_class=MMaDAParallelCLI)
     return cli.model
 
@@ -82,6 +94,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=64, help="held-out prompts per task")
     parser.add_argument("--eval_seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--lr", type=float, default=None, help="policy learning rate (default: pararl.yaml's)")
+    parser.add_argument("--metric", choices=["f1", "pixels"], default=None, help="reward (default: pararl.yaml's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "pararl_ablation.json")
     args = parser.parse_args()
     budget = {
@@ -90,6 +103,7 @@ def main() -> None:
         "limit": args.limit,
         "eval_seeds": args.eval_seeds,
         "lr": args.lr,
+        "metric": args.metric,
     }
     report: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if report.get("budget") != budget:
@@ -108,7 +122,7 @@ def main() -> None:
             if str(seed) in runs.get(level, {}):
                 continue
             start = time.perf_counter()
-            stage = run(args.model, level, seed, args.steps, logs, args.lr)
+            stage = run(args.model, level, seed, args.steps, logs, args.lr, args.metric)
             sampler = stage.sampler
             assert isinstance(sampler, ParallelSampler)
             if "before" not in report:

@@ -530,3 +530,19 @@ def test_ensure_shards_round_trip(tmp_path: Path) -> None:
                     read.append(json.loads(tar.extractfile(member).read()))  # type: ignore[union-attr]
         assert read == list(task.generate(split))
         assert len(read) == task.num_samples(split)
+
+
+def test_pixel_alignment_score_is_one_exactly_when_aligned(task: ShapesWorld, samples: list[dict]) -> None:
+    for s in samples[:50]:
+        assert task.pixel_alignment_score(s["caption"], s["image"]) == 1.0
+        moved = task.pixel_alignment_score(s["caption"], s["output_image"])
+        assert (moved == 1.0) == task.alignment(s["caption"], s["output_image"])
+    square = draw([("red", "square", 0, 0)])  # 9 drawn pixels
+    caption = "a red square at the top left"
+    assert task.pixel_alignment_score(caption, draw([("blue", "square", 0, 0)])) == 0.0  # every pixel off-colour
+    half = [row[:] for row in square]
+    half[0] = [0] * 9  # the top row of the square (3 pixels) not drawn: 2·6 / (6 + 9)
+    assert task.pixel_alignment_score(caption, half) == pytest.approx(12 / 15)
+    assert task.pixel_alignment_score(caption, torch.tensor(square)) == 1.0
+    assert task.pixel_alignment_score("nothing", draw([])) == 1.0
+    assert task.pixel_alignment_score("gibberish", square) == 0.0

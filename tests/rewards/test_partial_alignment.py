@@ -50,6 +50,32 @@ def test_f1_of_partial_states_with_masked_codes_as_background_or_unknown() -> No
     assert PartialAlignment(TASK, text="reasoning")([""], [r2i], images=[torch.tensor(image)]) == [1.0]
 
 
+def test_pixel_f1_grades_partial_and_wrong_shapes() -> None:
+    image = TASK.render([("red", "x", 0, 1), ("blue", "ring", 1, 1)])  # 5 + 8 drawn pixels
+    reward = PartialAlignment(TASK, metric="pixels")
+    states = [
+        image,
+        masked(image, (1, 4)),  # one of 13 drawn pixels still masked: 2·12 / (12 + 13)
+        masked(image, (0, 0)),  # a background pixel masked: nothing changes
+        [[2 if v == 1 else v for v in row] for row in image],  # the x in the wrong colour: 2·8 / (13 + 13)
+    ]
+    assert reward([""] * 4, [EDIT] * 4, images=states) == pytest.approx([1.0, 24 / 25, 1.0, 16 / 26])
+    # the object F1 of the same states: the masked centre makes the x unreadable, the recolour a wrong object
+    assert PartialAlignment(TASK)([""] * 4, [EDIT] * 4, images=states) == pytest.approx([1.0, 0.5, 1.0, 0.5])
+    # an unparsed caption scores 0; an empty image and "nothing" align
+    blank = TASK.render([])
+    assert reward(
+        [""] * 3, [EDIT.replace("blue", "bue"), "<think>Result: nothing.</think>", EDIT], images=[image, blank, blank]
+    ) == [0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="image must be 9x9"):
+        TASK.pixel_alignment_score("a red x at the top", [[0] * 3] * 3)
+    with pytest.raises(ValueError, match="needs metric='f1' without clip"):
+        PartialAlignment(metric="pixels", masked_image="unknown")
+    with pytest.raises(ValueError, match="metric must be"):
+        PartialAlignment(metric="exact")  # type: ignore[arg-type]
+    assert "pixels" in repr(reward)
+
+
 def test_fill_masked_keeps_the_container_type() -> None:
     grid = [[1, MASKED_PIXEL], [MASKED_PIXEL, 0]]
     assert fill_masked(grid) == [[1, 0], [0, 0]]
@@ -80,8 +106,10 @@ def test_clip_scorer_gives_the_raw_cosine_of_the_background_rendering(tmp_path: 
     assert im0[0][3] == 0  # the masked pixel is drawn as background
     assert t0 == EDIT[len("<think>") : -len("</think>")]
     assert t1 == "a red x"
-    with pytest.raises(ValueError, match="masked_image='unknown' needs the F1 scorer"):
+    with pytest.raises(ValueError, match="masked_image=.unknown. needs metric=.f1. without clip"):
         PartialAlignment(clip=clip, masked_image="unknown")
+    with pytest.raises(ValueError, match="leave it 'f1' when scoring with clip"):
+        PartialAlignment(clip=clip, metric="pixels")
 
 
 def test_bad_arguments_and_pickling() -> None:

@@ -12,17 +12,22 @@ the still-masked tokens dropped; the field ``images`` holds the partial images a
 
 Choices the paper leaves open, with our defaults:
 
-* **Scorer.** ShapesWorld's exact object-set F1 (:meth:`~dllm_zoo.data.synthetic.ShapesWorld.alignment_score`) on
-  the toy task, the checkable stand-in for CLIP; with ``clip=`` a :class:`~dllm_zoo.rewards.clip.ClipScore`, the
-  raw cosine of the CLIP embeddings (the paper's ``c``: neither clamped at 0 nor scaled, since ParaRL normalises
-  it with dataset statistics).
+* **Scorer.** On the toy task, ShapesWorld's checker stands in for CLIP: ``metric="f1"`` (default) the exact
+  object-set F1 (:meth:`~dllm_zoo.data.synthetic.ShapesWorld.alignment_score`), ``metric="pixels"`` the
+  foreground-pixel F1 against the caption's rendering
+  (:meth:`~dllm_zoo.data.synthetic.ShapesWorld.pixel_alignment_score`). Both are 1 exactly when the image is the
+  caption's; the object F1 of a one-object image is 0 until its shape is complete, so most partial states score 0
+  under it, while the pixel F1 grades every drawn pixel (CLIP's cosine is graded as well). With ``clip=`` a
+  :class:`~dllm_zoo.rewards.clip.ClipScore`, the raw cosine of the CLIP embeddings (the paper's ``c``: neither
+  clamped at 0 nor scaled, since ParaRL normalises it with dataset statistics).
 * **Text.** ``"caption"``: the caption the reasoning ends with (:func:`~dllm_zoo.parabench.reasoning_caption`:
   the think content after its last ``Result:``), which the F1 parser needs; ``"reasoning"``: the whole think
   content (the paper's ``text(τ_i(t))`` for CLIP).
 * **Still-masked image codes.** ``"background"`` (default): drawn as the background colour, i.e. "nothing drawn
   there yet" — a slot whose shape is complete except for masked background pixels already reads correctly.
-  ``"unknown"``: every slot with a masked pixel is unreadable (counts as a wrong object in the F1). CLIP has no
-  notion of unknown pixels, so it always sees the background rendering.
+  ``"unknown"``: every slot with a masked pixel is unreadable (counts as a wrong object in the object F1). CLIP
+  has no notion of unknown pixels, so it always sees the background rendering; the pixel F1 counts masked pixels
+  as not drawn, which is the background reading.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ MASKED_PIXEL = -1
 
 PartialText = Literal["caption", "reasoning"]
 MaskedImage = Literal["background", "unknown"]
+PartialMetric = Literal["f1", "pixels"]
 
 
 def fill_masked(image: Any, value: int = 0) -> Any:
@@ -56,14 +62,16 @@ class PartialAlignment(Reward):
 
     Args:
         task: The ShapesWorld that parses captions and reads images (default ``ShapesWorld()``: 9x9 images).
-        clip: Score with CLIP instead (the raw cosine); ``None`` = ShapesWorld's object-set F1.
+        clip: Score with CLIP instead (the raw cosine); ``None`` = ShapesWorld's checker (``metric``).
+        metric: ShapesWorld's ``"f1"`` (object-set F1) or ``"pixels"`` (foreground-pixel F1); not with ``clip``.
         text: ``"caption"`` (the reasoning's final caption) or ``"reasoning"`` (its whole think content).
         masked_image: Still-masked image codes drawn as ``"background"`` or left ``"unknown"`` (F1 only).
         name: Metric key.
         image_field: Per-sample field with the partial images.
 
     Raises:
-        ValueError: for an unknown ``text`` / ``masked_image``, or ``masked_image="unknown"`` with CLIP.
+        ValueError: for an unknown ``text`` / ``masked_image`` / ``metric``, ``masked_image="unknown"`` with CLIP or
+            the pixel F1, or ``metric="pixels"`` with CLIP.
 
     Example:
         >>> task = ShapesWorld()
@@ -74,6 +82,8 @@ class PartialAlignment(Reward):
         >>> PartialAlignment(task)(["", "", ""], [reasoning, reasoning, "<think>Result: a red x at th"],
         ...                        images=[image, partial, image])
         [1.0, 0.0, 0.0]
+        >>> PartialAlignment(task, metric="pixels")([""], [reasoning], images=[partial])  # 4 of the x's 5 pixels
+        [0.8888888888888888]
     """
 
     def __init__(
@@ -82,6 +92,7 @@ class PartialAlignment(Reward):
         clip: ClipScore | None = None,
         text: PartialText = "caption",
         masked_image: MaskedImage = "background",
+        metric: PartialMetric = "f1",
         name: str = "partial_alignment",
         image_field: str = "images",
     ) -> None:
@@ -89,12 +100,20 @@ class PartialAlignment(Reward):
             raise ValueError(f"text must be 'caption' or 'reasoning', got {text!r}")
         if masked_image not in ("background", "unknown"):
             raise ValueError(f"masked_image must be 'background' or 'unknown', got {masked_image!r}")
-        if clip is not None and masked_image == "unknown":
-            raise ValueError("masked_image='unknown' needs the F1 scorer: CLIP sees masked codes as background")
+        if metric not in ("f1", "pixels"):
+            raise ValueError(f"metric must be 'f1' or 'pixels', got {metric!r}")
+        if masked_image == "unknown" and (clip is not None or metric != "f1"):
+            raise ValueError(
+                "masked_image='unknown' needs metric='f1' without clip: CLIP and the pixel F1 see masked codes as "
+                "background"
+            )
+        if clip is not None and metric != "f1":
+            raise ValueError("metric='pixels' is ShapesWorld's checker: leave it 'f1' when scoring with clip")
         self.task = task if task is not None else ShapesWorld()
         self.clip = clip
         self.text = text
         self.masked_image = masked_image
+        self.metric = metric
         self.name = name
         self.image_field = image_field
 
@@ -115,17 +134,18 @@ class PartialAlignment(Reward):
             scores = cos.tolist()
         else:
             shown = [images[i] if self.masked_image == "unknown" else fill_masked(images[i]) for i in keep]
-            scores = [self.task.alignment_score(t, im) for t, im in zip(texts, shown)]
+            score = self.task.pixel_alignment_score if self.metric == "pixels" else self.task.alignment_score
+            scores = [score(t, im) for t, im in zip(texts, shown)]
         for i, score in zip(keep, scores):
             out[i] = float(score)
         return out
 
     def __repr__(self) -> str:
-        scorer = "f1" if self.clip is None else repr(self.clip)
+        scorer = self.metric if self.clip is None else repr(self.clip)
         return (
             f"{type(self).__name__}(scorer={scorer}, text={self.text!r}, masked_image={self.masked_image!r}, "
             f"name={self.name!r})"
         )
 
 
-__all__ = ["MASKED_PIXEL", "MaskedImage", "PartialAlignment", "PartialText", "fill_masked"]
+__all__ = ["MASKED_PIXEL", "MaskedImage", "PartialAlignment", "PartialMetric", "PartialText", "fill_masked"]

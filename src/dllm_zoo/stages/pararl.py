@@ -43,7 +43,9 @@ G rollouts per prompt (G not stated)      ``num_generations=8`` (our UniGRPO def
 s = 3 steps "identical within a group,    ``num_chosen_steps=3``, one uniform draw without replacement per group
 uniformly sampled across rollouts"        (independent across groups), among the steps where the sampler's plan
                                           commits a token (all of ``1..S`` for the usual sizes)
-CLIP(text, image) of the partial state    ``reward``: ShapesWorld object-set F1 by default (``PartialAlignment``),
+CLIP(text, image) of the partial state    ``reward``: ShapesWorld object-set F1 by default (``PartialAlignment``);
+                                          pararl.yaml: the graded foreground-pixel F1 (``metric="pixels"``), as
+                                          the object F1 of a one-object image is 0 until its shape is complete;
                                           CLIP (raw cosine) with ``PartialAlignment(clip=ClipScore(...))``; any
                                           :class:`~dllm_zoo.rewards.base.Reward` works
 image "from current tokens"               masked codes drawn as background (``PartialAlignment.masked_image``)

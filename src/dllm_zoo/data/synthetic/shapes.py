@@ -707,6 +707,33 @@ class ShapesWorld(SyntheticTask):
         hits = len(set(objects) & set(reading.objects))
         return 2 * hits / (len(objects) + found)
 
+    def pixel_alignment_score(self, caption: str, image: Any) -> float:
+        """Foreground-pixel F1 between the caption's rendering and ``image`` (0 if the caption does not parse).
+
+        A pixel of ``image`` is a hit when it is drawn (non-zero) in the colour the caption's rendering
+        (:meth:`render`) has there; ``F1 = 2·hits / (drawn pixels of image + drawn pixels of the rendering)``. It is
+        1 exactly when the image is the caption's rendering (then :meth:`alignment` holds too), and unlike the
+        object F1 it grades a shape that is partly drawn, in part the wrong colour or off by a pixel: the dense
+        view ParaRL's partial states need. Pixels outside the palette (e.g.
+        :data:`~dllm_zoo.rewards.partial.MASKED_PIXEL`) count as not drawn. ``"nothing"`` and an empty image score 1.
+        """
+        objects = self.parse(caption)
+        if objects is None:
+            return 0.0
+        target = self.render(objects)
+        rows = image.tolist() if hasattr(image, "tolist") else image
+        if len(rows) != len(target) or any(len(row) != len(target) for row in rows):
+            raise ValueError(f"image must be {self.image_side}x{self.image_side} pixels")
+        palette = len(COLOR_NAMES)
+        drawn = hits = 0
+        for row, want_row in zip(rows, target):
+            for v, want in zip(row, want_row):
+                if 0 < v < palette:
+                    drawn += 1
+                    hits += v == want
+        total = drawn + sum(v > 0 for row in target for v in row)
+        return 1.0 if total == 0 else 2 * hits / total
+
     def parse_listing(self, text: str) -> list[Obj] | None:
         """:func:`parse_listing` with this task's grid size."""
         return parse_listing(text, self.grid_size)
