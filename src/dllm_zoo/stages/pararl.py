@@ -44,8 +44,8 @@ s = 3 steps "identical within a group,    ``num_chosen_steps=3``, one uniform dr
 uniformly sampled across rollouts"        (independent across groups), among the steps where the sampler's plan
                                           commits a token (all of ``1..S`` for the usual sizes)
 CLIP(text, image) of the partial state    ``reward``: ShapesWorld object-set F1 by default (``PartialAlignment``);
-                                          pararl.yaml: the graded foreground-pixel F1 (``metric="pixels"``), as
-                                          the object F1 of a one-object image is 0 until its shape is complete;
+                                          ``metric="pixels"`` grades partial shapes (foreground-pixel F1; the
+                                          object F1 of one object is 0 until its shape is complete);
                                           CLIP (raw cosine) with ``PartialAlignment(clip=ClipScore(...))``; any
                                           :class:`~dllm_zoo.rewards.base.Reward` works
 image "from current tokens"               masked codes drawn as background (``PartialAlignment.masked_image``)
