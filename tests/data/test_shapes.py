@@ -543,6 +543,9 @@ def test_pixel_alignment_score_is_one_exactly_when_aligned(task: ShapesWorld, sa
     half = [row[:] for row in square]
     half[0] = [0] * 9  # the top row of the square (3 pixels) not drawn: 2·6 / (6 + 9)
     assert task.pixel_alignment_score(caption, half) == pytest.approx(12 / 15)
+    unknown = [row[:] for row in square]
+    unknown[0][:3] = [-1, -1, 99]  # values outside the palette (a still-masked code, a stray id) are not drawn
+    assert task.pixel_alignment_score(caption, unknown) == pytest.approx(12 / 15)
     assert task.pixel_alignment_score(caption, torch.tensor(square)) == 1.0
     assert task.pixel_alignment_score("nothing", draw([])) == 1.0
     assert task.pixel_alignment_score("gibberish", square) == 0.0

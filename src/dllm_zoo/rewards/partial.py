@@ -134,8 +134,8 @@ class PartialAlignment(Reward):
             scores = cos.tolist()
         else:
             shown = [images[i] if self.masked_image == "unknown" else fill_masked(images[i]) for i in keep]
-            score = self.task.pixel_alignment_score if self.metric == "pixels" else self.task.alignment_score
-            scores = [score(t, im) for t, im in zip(texts, shown)]
+            scorer = self.task.pixel_alignment_score if self.metric == "pixels" else self.task.alignment_score
+            scores = [scorer(t, im) for t, im in zip(texts, shown)]
         for i, score in zip(keep, scores):
             out[i] = float(score)
         return out
